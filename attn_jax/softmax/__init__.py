@@ -1,0 +1,1 @@
+"""Softmax attention: public function, reference oracle and backends."""

@@ -1,0 +1,150 @@
+"""``attn_jax.attention``: softmax attention with masks, sinks, soft-cap, segments and GQA."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from attn_jax import dispatch
+from attn_jax import masks as masks_lib
+from attn_jax.softmax import common
+from attn_jax.softmax import reference
+from attn_jax.softmax import xla
+
+FAMILY = "softmax"
+
+dispatch.register(FAMILY, "reference", reference.attention)
+dispatch.register(FAMILY, "xla", xla.attention)
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _shape(x):
+  return tuple(x.shape)
+
+
+def _check_float(name, x):
+  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+    raise ValueError(f"{name} must be float32, bfloat16 or float16, got dtype {x.dtype}")
+
+
+def _check_segments(name, seg, batch, length, length_name):
+  if seg is None:
+    return None
+  if not hasattr(seg, "shape") or not hasattr(seg, "dtype"):
+    seg = jnp.asarray(seg)
+  if _shape(seg) != (batch, length):
+    raise ValueError(f"{name} must have shape [batch, {length_name}] = {(batch, length)}, got {_shape(seg)}")
+  if not jnp.issubdtype(seg.dtype, jnp.integer):
+    raise ValueError(f"{name} must have an integer dtype, got {seg.dtype}")
+  return seg.astype(jnp.int32)
+
+
+def _check_static_number(name, value, positive=False):
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or isinstance(value, jax.Array):
+    raise ValueError(f"{name} must be a Python float (static), got {value!r}")
+  value = float(value)
+  if not math.isfinite(value) or (positive and value <= 0):
+    raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
+  return value
+
+
+def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=None,
+              q_segment_ids=None, kv_segment_ids=None, implementation=None, return_lse=False,
+              config=None):
+  """Softmax attention ``softmax(scale * q k^T + mask) v`` in the ``[batch, seq, heads, dim]`` layout.
+
+  Covers the four CAB patterns: non-causal self (``mask=None``), causal self
+  (``masks.causal()``), non-causal cross (different ``q``/``k`` lengths, ``mask=None``) and causal
+  cross (``masks.causal()``, aligned bottom-right by default).
+
+  Args:
+    q: queries ``[B, Tq, Hq, D]``.
+    k: keys ``[B, Tk, Hkv, D]``. ``Hq`` must be a multiple of ``Hkv`` (GQA; ``Hkv = 1`` is MQA);
+      K/V are never repeated in memory by the fast backends.
+    v: values ``[B, Tk, Hkv, Dv]``; ``Dv`` may differ from ``D``.
+    mask: an :mod:`attn_jax.masks` mask, or None for full attention.
+    scale: logit scale, a Python float; default ``D ** -0.5``.
+    sinks: ``[Hq]`` learned per-head logits that join the softmax denominator only (gpt-oss):
+      ``p_ij = exp(l_ij) / (exp(sink_h) + sum_j exp(l_ij))``. Differentiable.
+    logits_soft_cap: if given, logits become ``cap * tanh(logits / cap)`` (after scaling, before
+      masking), as in Gemma 2.
+    q_segment_ids, kv_segment_ids: ``[B, Tq]`` / ``[B, Tk]`` integer document ids; a query sees
+      a key only if their ids are equal (packed sequences), in addition to ``mask``. For self
+      attention ``kv_segment_ids`` may be omitted and defaults to ``q_segment_ids``.
+    implementation: None (first backend of this platform that serves the call), or one of
+      ``"reference"``, ``"xla"`` (and the Pallas kernels when installed). An explicit choice that
+      cannot serve the call raises ``NotImplementedError``; it is never replaced.
+    return_lse: also return the log-sum-exp of each row.
+    config: backend tunables (e.g. :class:`attn_jax.XlaConfig`); with ``implementation=None`` it
+      selects its own backend.
+
+  Returns:
+    ``out [B, Tq, Hq, Dv]`` in the dtype of ``q``; with ``return_lse``, also
+    ``lse [B, Tq, Hq]`` float32, which includes the sink term. A query row that sees no key
+    returns zeros and ``lse = -inf`` (or ``lse = sink`` with sinks); its gradients are finite.
+  """
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != 4:
+      raise ValueError(f"{name} must have shape [batch, seq, heads, head_dim], got shape {_shape(x)}")
+    _check_float(name, x)
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  b, tq, hq, d = q.shape
+  _, tk, hkv, _ = k.shape
+  if k.shape[0] != b or v.shape[0] != b:
+    raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}; expected the same batch")
+  if k.shape[3] != d:
+    raise ValueError(f"k head_dim must equal q head_dim {d}, got k shape {_shape(k)}")
+  if v.shape[1] != tk or v.shape[2] != hkv:
+    raise ValueError(f"v must have shape [batch, {tk}, {hkv}, Dv] to match k {_shape(k)}, got {_shape(v)}")
+  if min(tq, tk, hq, hkv, d, v.shape[3]) < 1:
+    raise ValueError(f"empty dimension: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+  if hq % hkv:
+    raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA/MQA")
+
+  if mask is None:
+    mask = masks_lib.full()
+  elif not isinstance(mask, masks_lib.Mask):
+    raise ValueError(f"mask must be an attn_jax.masks.Mask or None, got {type(mask).__name__}")
+  mask.validate(masks_lib.MaskContext(tq, tk))
+
+  scale = 1.0 / math.sqrt(d) if scale is None else _check_static_number("scale", scale)
+  if logits_soft_cap is not None:
+    logits_soft_cap = _check_static_number("logits_soft_cap", logits_soft_cap, positive=True)
+
+  if sinks is not None:
+    if not hasattr(sinks, "shape"):
+      sinks = jnp.asarray(sinks, jnp.float32)
+    if _shape(sinks) != (hq,):
+      raise ValueError(f"sinks must have shape [num_q_heads] = ({hq},), got {_shape(sinks)}")
+    if not jnp.issubdtype(sinks.dtype, jnp.floating):
+      raise ValueError(f"sinks must have a floating dtype, got {sinks.dtype}")
+
+  if kv_segment_ids is None and q_segment_ids is not None:
+    if tq != tk:
+      raise ValueError(f"kv_segment_ids is required for cross attention (q_len {tq} != kv_len {tk})")
+    kv_segment_ids = q_segment_ids
+  if q_segment_ids is None and kv_segment_ids is not None:
+    raise ValueError("q_segment_ids is required when kv_segment_ids is given")
+  q_segment_ids = _check_segments("q_segment_ids", q_segment_ids, b, tq, "q_len")
+  kv_segment_ids = _check_segments("kv_segment_ids", kv_segment_ids, b, tk, "kv_len")
+
+  if implementation is None and config is not None:
+    implementation = getattr(config, "backend", None)
+    if implementation is None:
+      raise ValueError(f"config must be a backend config such as XlaConfig, got {type(config).__name__}")
+
+  spec = common.Spec(
+      mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, q_len=tq, kv_len=tk,
+      num_q_heads=hq, num_kv_heads=hkv, head_dim=d, v_head_dim=v.shape[3],
+      has_sinks=sinks is not None, has_segments=q_segment_ids is not None)
+  out, lse = dispatch.dispatch(FAMILY, implementation, q, k, v, sinks, q_segment_ids,
+                               kv_segment_ids, spec=spec, config=config)
+  return (out, lse) if return_lse else out
+

@@ -1,0 +1,18 @@
+"""Test-wide setup: eight fake CPU devices for sharding tests, deterministic hypothesis profile."""
+
+import os
+
+# Must be set before jax initialises its backends; conftest is imported before any test module.
+# Eight fake CPU devices serve the sharding tests. The test programs are tiny and compiled once
+# each, so XLA's CPU optimisation passes cost more than they save: turning them off halves the
+# suite's compile time without changing what is computed.
+_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+          "--xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAGS).strip()
+
+import hypothesis  # noqa: E402
+
+hypothesis.settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
