@@ -1,0 +1,62 @@
+"""The main job's library parts and its command line, on tiny shapes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import efficiency
+from experiments import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_measure_and_efficiency_lengths():
+  shape = efficiency.Shape(batch=1, heads=2, kv_heads=1, head_dim=8)
+  records = []
+  for mech in efficiency.MECHANISMS:
+    for n in (32, 64):
+      records.append(efficiency.measure(mech, "causal_cross", n, "fwd_bwd", shape, repeats=1))
+  for r in records:
+    assert "error" not in r, r
+    assert r["time_ms"] > 0 and r["temp_mib"] >= 0
+    assert r["kv_len"] == r["seq_len"] // 2
+  eff = efficiency.efficiency_lengths(records)
+  assert {r["mechanism"] for r in eff} == {m.name for m in efficiency.MECHANISMS if not m.baseline}
+  md = report.efficiency_markdown(records, eff, report.environment(), vars(shape))
+  assert "## causal_cross, fwd_bwd" in md and "efficiency length" in md
+
+
+def test_efficiency_length_definition():
+  base, mech = "dense (reference)", "flash (xla)"
+  def rec(m, n, t):
+    return dict(mechanism=m, pattern="p", mode="fwd", seq_len=n, time_ms=t, temp_mib=t)
+  # Wins at 256 but loses at 512: the efficiency length is the start of the final winning run.
+  records = [rec(base, 128, 1), rec(mech, 128, 2), rec(base, 256, 2), rec(mech, 256, 1),
+             rec(base, 512, 3), rec(mech, 512, 4), rec(base, 1024, 9), rec(mech, 1024, 5),
+             rec(base, 2048, 20), rec(mech, 2048, 6)]
+  (row,) = efficiency.efficiency_lengths(records)
+  assert row["time_efficiency_length"] == 1024
+  records[-1]["time_ms"] = 30
+  (row,) = efficiency.efficiency_lengths(records)
+  assert row["time_efficiency_length"] is None
+
+
+def test_command_line_writes_report(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.benchmark", f"--workdir={tmp_path}", "--seq_lens=16,32",
+         "--patterns=noncausal_self,causal_cross", "--modes=fwd", "--heads=2", "--head_dim=8",
+         "--repeats=1"]
+  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+  payload = json.loads((tmp_path / "results.json").read_text())
+  assert payload["environment"]["jax_version"]
+  assert len(payload["efficiency"]) == 2 * 2 * len(efficiency.MECHANISMS)
+  assert (tmp_path / "report.md").read_text().startswith("# attn_jax efficiency benchmark")
+
+
+def test_command_line_rejects_unknown_mechanism(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.benchmark", f"--workdir={tmp_path}", "--mechanisms=nope"]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "--mechanisms: unknown ['nope']" in result.stderr
