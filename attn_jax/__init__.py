@@ -13,6 +13,7 @@ from attn_jax import dispatch
 from attn_jax import masks
 from attn_jax.block_mask import BlockMask, make_block_mask
 from attn_jax.softmax.api import attention
+from attn_jax.softmax.pallas import PallasGpuConfig, PallasTpuConfig
 from attn_jax.softmax.xla import XlaConfig
 
 __version__ = "0.1.0"
@@ -25,4 +26,6 @@ __all__ = [
     "BlockMask",
     "make_block_mask",
     "XlaConfig",
+    "PallasTpuConfig",
+    "PallasGpuConfig",
 ]

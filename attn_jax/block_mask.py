@@ -31,7 +31,8 @@ import numpy as np
 
 from attn_jax import masks as masks_lib
 
-__all__ = ["BlockMask", "make_block_mask", "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["BlockMask", "PartialTiles", "make_block_mask", "partial_tiles", "from_kinds", "EMPTY",
+           "PARTIAL", "FULL"]
 
 EMPTY = 0
 PARTIAL = 1
@@ -75,6 +76,7 @@ class BlockMask:
   q_indices: np.ndarray
   q_kinds: np.ndarray
   q_counts: np.ndarray
+  _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def num_q_blocks(self) -> int:
@@ -176,6 +178,66 @@ def from_kinds(kinds: np.ndarray, *, q_len: int, kv_len: int, block_q: int, bloc
   if kinds.ndim != 3 or kinds.shape[1:] != expected:
     raise ValueError(f"kinds must have shape [Hm, {expected[0]}, {expected[1]}], got {kinds.shape}")
   return _from_kinds(mask, q_len, kv_len, block_q, block_kv, kinds.copy())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PartialTiles:
+  """The dense content of a BlockMask's PARTIAL tiles, deduplicated.
+
+  For masks a kernel cannot evaluate from iotas (block layouts, user tables), the kernel reads the
+  tile of each PARTIAL entry instead. Causal, windowed and neighborhood patterns repeat a handful
+  of distinct tiles, so the table stays small.
+
+  Attributes:
+    tiles: ``[U, block_q, block_kv]`` int8, 1 where visible (key padding and padded query rows 0).
+    kv_tile_ids: ``[Hm, nq, max_kv]`` int32, for each entry of ``kv_indices`` the row of ``tiles``
+      (0 for FULL and padding entries, which never read it).
+    q_tile_ids: ``[Hm, nk, max_q]`` int32, the same for the transposed lists.
+  """
+
+  tiles: np.ndarray
+  kv_tile_ids: np.ndarray
+  q_tile_ids: np.ndarray
+
+
+def partial_tiles(bm: BlockMask) -> PartialTiles:
+  """Computes (once per BlockMask) the deduplicated dense tiles of its PARTIAL entries."""
+  if "partial_tiles" in bm._cache:
+    return bm._cache["partial_tiles"]
+  ctx = masks_lib.MaskContext(bm.q_len, bm.kv_len)
+  bq, bk = bm.block_q, bm.block_kv
+  head_dep = bm.mask.depends_on_head
+  pairs = np.argwhere(bm.kinds == PARTIAL)  # [P, 3]: head, q block, kv block
+  tile_id = np.zeros(bm.kinds.shape, np.int32)
+  unique: dict[bytes, int] = {}
+  tiles = []
+  rows = np.arange(bq)
+  cols = np.arange(bk)
+  step = max(1, _REFINE_CHUNK_ELEMENTS // (bq * bk))
+  for start in range(0, len(pairs), step):
+    chunk = pairs[start:start + step]
+    qi = chunk[:, 1, None, None] * bq + rows[None, :, None]
+    kj = chunk[:, 2, None, None] * bk + cols[None, None, :]
+    head = chunk[:, 0, None, None] if head_dep else None
+    values = bm.mask.evaluate(np.minimum(qi, bm.q_len - 1), np.minimum(kj, bm.kv_len - 1), head, ctx, np)
+    values = np.broadcast_to(np.asarray(values, bool), (len(chunk), bq, bk))
+    values = (values & (qi < bm.q_len) & (kj < bm.kv_len)).astype(np.int8)
+    for (h, i, j), tile in zip(chunk, values):
+      key = tile.tobytes()
+      if key not in unique:
+        unique[key] = len(tiles)
+        tiles.append(tile)
+      tile_id[h, i, j] = unique[key]
+  if not tiles:
+    tiles.append(np.zeros((bq, bk), np.int8))
+  table = np.stack(tiles)
+  kv_tile_ids = np.take_along_axis(tile_id, bm.kv_indices, axis=-1).astype(np.int32)
+  q_tile_ids = np.take_along_axis(np.swapaxes(tile_id, 1, 2), bm.q_indices, axis=-1).astype(np.int32)
+  for a in (table, kv_tile_ids, q_tile_ids):
+    a.setflags(write=False)
+  result = PartialTiles(table, kv_tile_ids, q_tile_ids)
+  bm._cache["partial_tiles"] = result
+  return result
 
 
 def make_block_mask(mask: masks_lib.Mask | None, q_len: int, kv_len: int, block_q: int,

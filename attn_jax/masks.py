@@ -16,6 +16,10 @@ Every mask knows two things:
   rectangle is visible, ``must_all`` is True only if every pair is. The block-mask compiler uses
   it to classify most blocks without touching their elements, and evaluates ``evaluate`` only
   on the undecided ones. A mask without useful bounds (a user function) is evaluated densely.
+* ``in_kernel``: True when ``evaluate`` uses only elementwise integer arithmetic and comparisons
+  (no table lookups, no captured arrays), so that a Pallas kernel can evaluate it on a tile from
+  iotas. Kernels evaluate such masks in-kernel; for the others (``block_layout``, ``from_fn``
+  unless declared) they read precomputed, deduplicated tiles of the partial blocks.
 
 Alignment of causal-type masks: query ``i`` is placed at key position ``i + offset`` with
 ``offset = kv_len - q_len`` by default (bottom-right alignment, as in FlashAttention and in
@@ -61,14 +65,32 @@ def _true_like(q_idx, kv_idx):
   return (q_idx * 0 + kv_idx * 0) == 0
 
 
-def _floordiv(a, b):
-  return a // b
+def div_nonneg(x, d: int, xp):
+  """``x // d`` for non-negative integer arrays ``x`` and a positive constant ``d``.
+
+  In JAX this is ``lax.div`` (truncating): ``jnp.floor_divide`` on signed integers adds a sign
+  correction whose Mosaic lowering is chip-specific and slower, and masks evaluated in-kernel only
+  ever divide non-negative indices. Callers shift possibly negative values first.
+  """
+  if xp is np:
+    return np.floor_divide(x, d)
+  from jax import lax  # Deferred: masks.py itself stays importable without initialising jax.
+  return lax.div(x, xp.asarray(d, dtype=x.dtype))
+
+
+def rem_nonneg(x, d: int, xp):
+  """``x % d`` for non-negative integer arrays and a positive constant (see :func:`div_nonneg`)."""
+  if xp is np:
+    return np.remainder(x, d)
+  from jax import lax
+  return lax.rem(x, xp.asarray(d, dtype=x.dtype))
 
 
 class Mask:
   """Base class of all masks. Subclasses are frozen dataclasses (hashable)."""
 
   depends_on_head: bool = False
+  in_kernel: bool = True
 
   def evaluate(self, q_idx, kv_idx, head, ctx: MaskContext, xp) -> Any:
     """Boolean array: may query ``q_idx`` attend to key ``kv_idx`` (for query head ``head``)."""
@@ -142,6 +164,10 @@ class And(Mask):
   def depends_on_head(self):
     return self.a.depends_on_head or self.b.depends_on_head
 
+  @property
+  def in_kernel(self):
+    return self.a.in_kernel and self.b.in_kernel
+
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
     return self.a.evaluate(q_idx, kv_idx, head, ctx, xp) & self.b.evaluate(q_idx, kv_idx, head, ctx, xp)
 
@@ -167,6 +193,10 @@ class Or(Mask):
   def depends_on_head(self):
     return self.a.depends_on_head or self.b.depends_on_head
 
+  @property
+  def in_kernel(self):
+    return self.a.in_kernel and self.b.in_kernel
+
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
     return self.a.evaluate(q_idx, kv_idx, head, ctx, xp) | self.b.evaluate(q_idx, kv_idx, head, ctx, xp)
 
@@ -190,6 +220,10 @@ class Not(Mask):
   @property
   def depends_on_head(self):
     return self.a.depends_on_head
+
+  @property
+  def in_kernel(self):
+    return self.a.in_kernel
 
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
     return ~self.a.evaluate(q_idx, kv_idx, head, ctx, xp)
@@ -284,8 +318,11 @@ class ChunkedCausal(Mask):
     return ctx.default_offset if self.offset is None else self.offset
 
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
-    qp = q_idx + self._offset(ctx)
-    return (_floordiv(qp, self.chunk) == _floordiv(kv_idx, self.chunk)) & (kv_idx <= qp)
+    o, c = self._offset(ctx), self.chunk
+    # Shift by a multiple of the chunk so that both dividends are non-negative.
+    shift = c * (-(-max(0, -o) // c))
+    same_chunk = div_nonneg(q_idx + (o + shift), c, xp) == div_nonneg(kv_idx + shift, c, xp)
+    return same_chunk & (kv_idx <= q_idx + o)
 
   def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
     o, c = self._offset(ctx), self.chunk
@@ -324,6 +361,8 @@ class BlockLayout(Mask):
   layout: np.ndarray
   block_q: int
   block_kv: int
+
+  in_kernel = False
 
   def __post_init__(self):
     layout = np.asarray(self.layout)
@@ -380,6 +419,7 @@ class FromFn(Mask):
   fn: Callable[..., Any]
   with_head: bool
   name: str | None = None
+  in_kernel: bool = False
 
   @property
   def depends_on_head(self):
@@ -451,7 +491,7 @@ def block_layout(layout, block_q: int, block_kv: int) -> Mask:
   return BlockLayout(layout, _check_int(block_q, "block_q", 1), _check_int(block_kv, "block_kv", 1))
 
 
-def from_fn(fn: Callable[..., Any], name: str | None = None) -> Mask:
+def from_fn(fn: Callable[..., Any], name: str | None = None, in_kernel: bool = False) -> Mask:
   """A user predicate ``fn(q_idx, kv_idx)`` or ``fn(q_idx, kv_idx, head)``.
 
   ``fn`` receives broadcastable integer arrays (NumPy on the host, JAX inside backends) and must
@@ -460,6 +500,13 @@ def from_fn(fn: Callable[..., Any], name: str | None = None) -> Mask:
   once, not per call, so that block masks and compilations are reused. Such a mask has no
   analytic block bounds, so its block mask is computed by evaluating ``fn`` on every token pair
   on the host (once per shape).
+
+  Args:
+    fn: the predicate.
+    name: label for ``repr``.
+    in_kernel: declare that ``fn`` uses only elementwise integer arithmetic and comparisons on
+      its arguments (no table lookups, no captured arrays), so Pallas kernels may evaluate it
+      in-kernel on partial tiles instead of reading precomputed tiles.
   """
   if not callable(fn):
     raise ValueError(f"fn must be callable, got {fn!r}")
@@ -471,4 +518,4 @@ def from_fn(fn: Callable[..., Any], name: str | None = None) -> Mask:
     nargs = 2
   if nargs not in (2, 3):
     raise ValueError(f"fn must take (q_idx, kv_idx) or (q_idx, kv_idx, head), got {nargs} positional parameters")
-  return FromFn(fn, with_head=nargs == 3, name=name)
+  return FromFn(fn, with_head=nargs == 3, name=name, in_kernel=bool(in_kernel))

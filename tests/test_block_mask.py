@@ -136,3 +136,46 @@ def test_hypothesis_kinds(mask, q_len, kv_len, block_q, block_kv):
   bm = bm_lib.make_block_mask(mask, q_len, kv_len, block_q, block_kv)
   np.testing.assert_array_equal(bm.kinds, brute_kinds(mask.materialize(q_len, kv_len)[None], block_q, block_kv))
   check_lists(bm)
+
+
+@pytest.mark.parametrize("mask,heads", [
+    (masks.causal(), None),
+    (masks.sliding_window(5) | masks.sink_tokens(2), None),
+    (masks.block_layout(np.random.RandomState(1).rand(6, 6) < 0.5, 7, 7), None),
+    (masks.causal() & masks.from_fn(lambda q, k, h: (k + h) % 3 != 0), 2),
+])
+def test_partial_tiles_reproduce_the_dense_mask(mask, heads):
+  q_len, kv_len, bq, bk = 37, 41, 8, 16
+  bm = bm_lib.make_block_mask(mask, q_len, kv_len, bq, bk, num_heads=heads)
+  pt = bm_lib.partial_tiles(bm)
+  dense = mask.materialize(q_len, kv_len, heads)
+  dense = dense if heads else dense[None]
+  padded = np.zeros((dense.shape[0], bm.num_q_blocks * bq, bm.num_kv_blocks * bk), bool)
+  padded[:, :q_len, :kv_len] = dense
+  for h in range(bm.num_heads):
+    for i in range(bm.num_q_blocks):
+      for t in range(bm.kv_counts[h, i]):
+        j, kind = bm.kv_indices[h, i, t], bm.kv_kinds[h, i, t]
+        want = padded[h, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].copy()
+        want[max(0, q_len - i * bq):] = False  # padded query rows are stored as invisible
+        if kind == bm_lib.PARTIAL:
+          np.testing.assert_array_equal(pt.tiles[pt.kv_tile_ids[h, i, t]], want)
+        else:
+          assert want[:max(0, min(bq, q_len - i * bq))].all()
+    for j in range(bm.num_kv_blocks):
+      for t in range(bm.q_counts[h, j]):
+        i = bm.q_indices[h, j, t]
+        if bm.q_kinds[h, j, t] == bm_lib.PARTIAL:
+          assert pt.q_tile_ids[h, j, t] == pt.kv_tile_ids[h, i, list(bm.kv_indices[h, i]).index(j)]
+  assert bm_lib.partial_tiles(bm) is pt
+  # Deduplication: structured masks repeat a handful of distinct tiles.
+  assert len(pt.tiles) <= bm.num_partial
+  if mask == masks.causal():
+    assert len(pt.tiles) <= 4 < bm.num_partial
+
+
+def test_in_kernel_flags():
+  assert (masks.causal() & (masks.sliding_window(3) | ~masks.sink_tokens(2))).in_kernel
+  assert not (masks.causal() & masks.block_layout(np.ones((2, 2), bool), 4, 4)).in_kernel
+  assert not masks.from_fn(lambda q, k: q >= k).in_kernel
+  assert masks.from_fn(lambda q, k: q >= k, in_kernel=True).in_kernel

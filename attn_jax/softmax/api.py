@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from attn_jax import dispatch
 from attn_jax import masks as masks_lib
 from attn_jax.softmax import common
+from attn_jax.softmax import pallas
 from attn_jax.softmax import reference
 from attn_jax.softmax import xla
 
@@ -18,6 +19,8 @@ FAMILY = "softmax"
 
 dispatch.register(FAMILY, "reference", reference.attention)
 dispatch.register(FAMILY, "xla", xla.attention)
+dispatch.register(FAMILY, "pallas_tpu", pallas.attention_tpu)
+dispatch.register(FAMILY, "pallas_gpu", pallas.attention_gpu)
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 

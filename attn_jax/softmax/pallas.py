@@ -1,0 +1,374 @@
+"""Adapter from ``attn_jax.attention`` to the block-sparse Pallas flash kernels (TPU and GPU).
+
+What the adapter owns (the kernels in ``pallas_kernels`` know none of it):
+
+* block sizes: per-platform frozen configs with heuristic defaults and hardware constraints;
+* padding: sequences to whole blocks; on GPU head dims to a power of two >= 16 (Triton tiles);
+* the BlockMask -> kernel schedule translation, and the choice between evaluating the mask
+  predicate in-kernel (masks whose ``in_kernel`` is True) and reading precomputed tiles;
+* the custom VJP: the backward pass gets ``delta = rowsum(dO * O) - dLSE`` and an LSE in which
+  rows that must not contribute are ``+inf``; the sinks' gradient is computed here from the LSE;
+* sharding: with ``config.sharding`` (a NamedSharding of q) the call runs under ``shard_map``
+  over the batch and head mesh axes, since XLA cannot partition a Pallas call.
+
+On a platform other than the kernel's own (e.g. CPU), the kernels run in Pallas interpret mode:
+slow, exact, and meant for tests and debugging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from attn_jax import block_mask as block_mask_lib
+from attn_jax import dispatch
+from attn_jax.softmax import common
+from pallas_kernels import flash_common
+from pallas_kernels import flash_gpu
+from pallas_kernels import flash_tpu
+
+# The kernels and the BlockMask must agree on what the tile kinds mean.
+assert (flash_common.EMPTY, flash_common.PARTIAL, flash_common.FULL) == (
+    block_mask_lib.EMPTY, block_mask_lib.PARTIAL, block_mask_lib.FULL)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def _check_block(owner, name, value, rule, ok):
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not ok(value)):
+    raise ValueError(f"{owner}.{name} must be {rule} or None, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTpuConfig:
+  """Tunables of the TPU (Mosaic) kernels.
+
+  Attributes:
+    block_q, block_kv: tile sizes; on TPU hardware multiples of 128 (the lane width). ``None``
+      picks ``min(512, length rounded up to 128)``. In interpret mode any multiple of 8 is
+      accepted, so tests can use many small tiles.
+    interpret: run in Pallas interpret mode; ``None`` means "unless running on a TPU".
+    sharding: a NamedSharding of ``q`` (``[B, T, H, D]``); the kernel then runs under
+      ``shard_map`` over the mesh axes of the batch and head dimensions (sequence and head_dim
+      must be unsharded).
+    record_visits: debugging aid, interpret mode only: ``f(phase, batch, head, q_block,
+      kv_block, evaluated_mask)`` called for every tile a kernel visits (phase "fwd", "dq" or
+      "dkv").
+  """
+
+  block_q: int | None = None
+  block_kv: int | None = None
+  interpret: bool | None = None
+  sharding: NamedSharding | None = None
+  record_visits: Callable[..., None] | None = None
+
+  backend: ClassVar[str] = "pallas_tpu"
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv"):
+      _check_block("PallasTpuConfig", name, getattr(self, name), "a positive multiple of 8",
+                   lambda b: b > 0 and b % 8 == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasGpuConfig:
+  """Tunables of the GPU (Triton-dialect Pallas) kernels.
+
+  Attributes:
+    block_q, block_kv: tile sizes, powers of two >= 16. ``None`` picks 128 x 64 for head dims up
+      to 128 and 64 x 32 above, capped by the (power-of-two-rounded) sequence lengths.
+    num_warps, num_stages: Triton launch parameters (``None``: 4 warps for head dims <= 64,
+      else 8; 2 stages).
+    interpret, sharding, record_visits: as in :class:`PallasTpuConfig`.
+  """
+
+  block_q: int | None = None
+  block_kv: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+  interpret: bool | None = None
+  sharding: NamedSharding | None = None
+  record_visits: Callable[..., None] | None = None
+
+  backend: ClassVar[str] = "pallas_gpu"
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv"):
+      _check_block("PallasGpuConfig", name, getattr(self, name), "a power of two >= 16",
+                   lambda b: b >= 16 and b & (b - 1) == 0)
+    for name in ("num_warps", "num_stages"):
+      _check_block("PallasGpuConfig", name, getattr(self, name), "a positive int", lambda b: b > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  platform: str  # "tpu" or "gpu"
+  spec: common.Spec
+  block_q: int
+  block_kv: int
+  interpret: bool
+  num_warps: int | None
+  num_stages: int | None
+  record: Callable[..., None] | None
+
+  @property
+  def block_mask(self) -> block_mask_lib.BlockMask:
+    s = self.spec
+    return block_mask_lib.make_block_mask(s.mask, s.q_len, s.kv_len, self.block_q, self.block_kv,
+                                          s.num_q_heads)
+
+
+def _tpu_blocks(config: PallasTpuConfig, spec: common.Spec, interpret: bool):
+  bq = config.block_q or min(512, _round_up(spec.q_len, 128))
+  bk = config.block_kv or min(512, _round_up(spec.kv_len, 128))
+  if not interpret and (bq % 128 or bk % 128):
+    raise ValueError(f"PallasTpuConfig block sizes must be multiples of 128 on TPU hardware, "
+                     f"got block_q={bq}, block_kv={bk}")
+  return bq, bk
+
+
+def _gpu_blocks(config: PallasGpuConfig, spec: common.Spec):
+  big = max(spec.head_dim, spec.v_head_dim) > 128
+  bq = config.block_q or min(64 if big else 128, max(16, _next_pow2(spec.q_len)))
+  bk = config.block_kv or min(32 if big else 64, max(16, _next_pow2(spec.kv_len)))
+  warps = config.num_warps or (4 if max(spec.head_dim, spec.v_head_dim) <= 64 else 8)
+  stages = config.num_stages or 2
+  return bq, bk, warps, stages
+
+
+def _mask_spec(st: _Static) -> flash_common.MaskSpec:
+  s = st.spec
+  bm = st.block_mask
+  has_partial = bm.num_partial > 0
+  use_tiles = has_partial and not s.mask.in_kernel
+  predicate = None
+  if has_partial and not use_tiles:
+    ctx = s.mask_context
+    head_dep = s.mask.depends_on_head
+
+    def predicate(q_idx, kv_idx, head):
+      visible = s.mask.evaluate(q_idx, kv_idx, head if head_dep else None, ctx, jnp)
+      return visible & (kv_idx < s.kv_len)
+  return flash_common.MaskSpec(predicate=predicate, use_tiles=use_tiles, per_head=bm.num_heads > 1,
+                               has_full=bm.num_full > 0, has_partial=has_partial)
+
+
+def _schedule(st: _Static, mask: flash_common.MaskSpec, head_offset, local_heads: int):
+  """Kernel schedule; per-head lists are cut to the heads of this shard."""
+  bm = st.block_mask
+  if mask.use_tiles:
+    pt = block_mask_lib.partial_tiles(bm)
+    tiles, kv_tid, q_tid = pt.tiles, pt.kv_tile_ids, pt.q_tile_ids
+  else:
+    tiles = np.zeros((1, 1, 1), np.int8)
+    kv_tid, q_tid = np.zeros_like(bm.kv_indices), np.zeros_like(bm.q_indices)
+  arrays = [bm.kv_indices, bm.kv_kinds, bm.kv_counts, kv_tid, bm.q_indices, bm.q_kinds,
+            bm.q_counts, q_tid]
+  arrays = [jnp.asarray(a, jnp.int32) for a in arrays]
+  if mask.per_head and local_heads != bm.num_heads:
+    arrays = [jax.lax.dynamic_slice_in_dim(a, head_offset[0], local_heads, axis=0) for a in arrays]
+  return flash_common.Schedule(*arrays, jnp.asarray(tiles, jnp.int8))
+
+
+def _pad_to(x, axis, size, value=0):
+  if x is None or x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _kernel_kwargs(st: _Static, mask):
+  kw = dict(mask=mask, scale=st.spec.scale, soft_cap=st.spec.logits_soft_cap, block_q=st.block_q,
+            block_kv=st.block_kv, interpret=st.interpret, record=st.record)
+  if st.platform == "gpu":
+    kw.update(num_warps=st.num_warps, num_stages=st.num_stages)
+  return kw
+
+
+def _head_dims(st: _Static):
+  if st.platform == "gpu":
+    return (max(16, _next_pow2(st.spec.head_dim)), max(16, _next_pow2(st.spec.v_head_dim)))
+  return st.spec.head_dim, st.spec.v_head_dim
+
+
+def _padded(st: _Static, q, k, v, q_seg, kv_seg):
+  tq, tk = _round_up(q.shape[1], st.block_q), _round_up(k.shape[1], st.block_kv)
+  d, dv = _head_dims(st)
+  q = _pad_to(_pad_to(q, 1, tq), 3, d)
+  k = _pad_to(_pad_to(k, 1, tk), 3, d)
+  v = _pad_to(_pad_to(v, 1, tk), 3, dv)
+  if q_seg is not None:
+    q_seg = _pad_to(q_seg.astype(jnp.int32), 1, tq, -1)
+    kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, tk, -2)
+  return q, k, v, q_seg, kv_seg
+
+
+def _kernels(st: _Static):
+  return flash_tpu if st.platform == "tpu" else flash_gpu
+
+
+def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset):
+  mask = _mask_spec(st)
+  sched = _schedule(st, mask, head_offset, q.shape[2])
+  tq = q.shape[1]
+  qp, kp, vp, qs, ks = _padded(st, q, k, v, q_seg, kv_seg)
+  sinks32 = None if sinks is None else sinks.astype(jnp.float32)
+  o, lse = _kernels(st).flash_fwd(qp, kp, vp, sinks32, qs, ks, head_offset, sched,
+                                  **_kernel_kwargs(st, mask))
+  return o[:, :tq, :, :v.shape[3]], lse[:, :tq]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset):
+  return _forward(st, q, k, v, sinks, q_seg, kv_seg, head_offset)
+
+
+def _flash_fwd(st, q, k, v, sinks, q_seg, kv_seg, head_offset):
+  out, lse = _forward(st, q, k, v, sinks, q_seg, kv_seg, head_offset)
+  return (out, lse), (q, k, v, sinks, q_seg, kv_seg, head_offset, out, lse)
+
+
+def _flash_bwd(st: _Static, residuals, cotangents):
+  q, k, v, sinks, q_seg, kv_seg, head_offset, out, lse = residuals
+  d_out, d_lse = cotangents
+  # delta_i = dO_i . O_i - dLSE_i (see the xla backend for the derivation).
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
+  d_sinks = None
+  if sinks is not None:
+    p_sink = jnp.exp(sinks.astype(jnp.float32)[None, None, :] - lse)
+    d_sinks = (-(p_sink * delta).sum((0, 1))).astype(sinks.dtype)
+  mask = _mask_spec(st)
+  sched = _schedule(st, mask, head_offset, q.shape[2])
+  tq, tk = q.shape[1], k.shape[1]
+  qp, kp, vp, qs, ks = _padded(st, q, k, v, q_seg, kv_seg)
+  tq_pad = qp.shape[1]
+  d, dv = _head_dims(st)
+  # Rows that must contribute nothing get lse = +inf, so p = exp(s - lse) is exactly 0 there:
+  # padded rows and rows that saw no key.
+  lse_b = _pad_to(jnp.where(jnp.isfinite(lse), lse, jnp.inf), 1, tq_pad, jnp.inf)
+  do = _pad_to(_pad_to(d_out, 1, tq_pad), 3, dv).astype(q.dtype)
+  delta = _pad_to(delta, 1, tq_pad)
+  dq, dk, dv_ = _kernels(st).flash_bwd(qp, kp, vp, qs, ks, head_offset, sched, lse_b, do, delta,
+                                       **_kernel_kwargs(st, mask))
+  dq = dq[:, :tq, :, :q.shape[3]]
+  dk = dk[:, :tk, :, :k.shape[3]]
+  dv_ = dv_[:, :tk, :, :v.shape[3]]
+  return dq, dk, dv_, d_sinks, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _axes(entry):
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _sharded(st: _Static, sharding: NamedSharding, q, k, v, sinks, q_seg, kv_seg):
+  """Runs the kernel under shard_map over the batch and head mesh axes of ``sharding``."""
+  if not isinstance(sharding, NamedSharding):
+    raise ValueError(f"sharding must be a jax.sharding.NamedSharding of q, got {type(sharding).__name__}")
+  mesh = sharding.mesh
+  spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
+  if len(spec) != 4:
+    raise ValueError(f"sharding.spec must describe q's 4 dims [B, T, H, D], got {sharding.spec}")
+  if spec[1] is not None or spec[3] is not None:
+    raise NotImplementedError(
+        f"sequence or head_dim sharding of q ({sharding.spec}) needs ring/context-parallel attention; "
+        "the kernels shard batch and heads only")
+  batch_axes, head_axes = _axes(spec[0]), _axes(spec[2])
+  s = st.spec
+  n_batch = math.prod(mesh.shape[a] for a in batch_axes)
+  n_head = math.prod(mesh.shape[a] for a in head_axes)
+  if q.shape[0] % n_batch:
+    raise ValueError(f"batch {q.shape[0]} is not divisible by the {n_batch} shards of mesh axes {batch_axes}")
+  if s.num_q_heads % n_head:
+    raise ValueError(f"q heads {s.num_q_heads} are not divisible by the {n_head} shards of mesh axes {head_axes}")
+  local_q_heads = s.num_q_heads // n_head
+  if s.num_kv_heads % n_head == 0:
+    kv_head_spec, slice_kv = spec[2], False
+  elif s.group_size % local_q_heads == 0:
+    # Fewer K/V heads than head shards (e.g. MQA): K/V stay replicated over the head axes and each
+    # shard slices the one K/V head its query heads share.
+    kv_head_spec, slice_kv = None, True
+  else:
+    raise ValueError(f"cannot shard {s.num_q_heads} q heads / {s.num_kv_heads} kv heads over {n_head} head shards")
+
+  b_spec = spec[0]
+  q_spec = PartitionSpec(b_spec, None, spec[2], None)
+  kv_spec = PartitionSpec(b_spec, None, kv_head_spec, None)
+  seg_spec = PartitionSpec(b_spec, None)
+  sink_spec = PartitionSpec(spec[2])
+
+  def body(q, k, v, sinks, q_seg, kv_seg):
+    shard = jax.lax.axis_index(head_axes) if head_axes else 0
+    head_offset = jnp.reshape(shard * local_q_heads, (1,)).astype(jnp.int32)
+    if slice_kv:
+      kv_head = (shard * local_q_heads) // s.group_size
+      k = jax.lax.dynamic_slice_in_dim(k, kv_head, 1, axis=2)
+      v = jax.lax.dynamic_slice_in_dim(v, kv_head, 1, axis=2)
+    return _flash(st, q, k, v, sinks, q_seg, kv_seg, head_offset)
+
+  in_specs = (q_spec, kv_spec, kv_spec, None if sinks is None else sink_spec,
+              None if q_seg is None else seg_spec, None if kv_seg is None else seg_spec)
+  out_specs = (q_spec, PartitionSpec(b_spec, None, spec[2]))
+  args = [x if x is None else _place(x, mesh, p) for x, p in zip((q, k, v, sinks, q_seg, kv_seg), in_specs)]
+  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  return fn(*args)
+
+
+def _place(x, mesh, spec):
+  """Puts ``x`` in the layout shard_map expects.
+
+  With Explicit mesh axes (the default of ``jax.make_mesh`` in recent JAX) shard_map requires
+  its inputs to carry exactly ``in_specs``, so they are resharded; with Auto axes a sharding
+  constraint lets XLA insert the collectives.
+  """
+  target = NamedSharding(mesh, spec)
+  if getattr(mesh, "explicit_axes", ()):
+    return jax.sharding.reshard(x, target)
+  return jax.lax.with_sharding_constraint(x, target)
+
+
+def _attention(platform: str, config_type):
+  def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, config=None):
+    config = config if config is not None else config_type()
+    if not isinstance(config, config_type):
+      raise ValueError(f"config must be a {config_type.__name__} for implementation="
+                       f"'pallas_{platform}', got {type(config).__name__}")
+    interpret = config.interpret
+    if interpret is None:
+      interpret = dispatch.current_platform() != platform
+    if config.record_visits is not None and not interpret:
+      raise ValueError("record_visits is a debugging aid for interpret mode only")
+    if platform == "tpu":
+      bq, bk = _tpu_blocks(config, spec, interpret)
+      warps = stages = None
+    else:
+      bq, bk, warps, stages = _gpu_blocks(config, spec)
+      if max(spec.head_dim, spec.v_head_dim) > 256:
+        raise NotImplementedError(f"head dims above 256 (got {spec.head_dim}, {spec.v_head_dim})")
+    st = _Static(platform, spec, bq, bk, bool(interpret), warps, stages, config.record_visits)
+    if config.sharding is not None:
+      return _sharded(st, config.sharding, q, k, v, sinks, q_segment_ids, kv_segment_ids)
+    return _flash(st, q, k, v, sinks, q_segment_ids, kv_segment_ids, jnp.zeros((1,), jnp.int32))
+  return attention
+
+
+attention_tpu = _attention("tpu", PallasTpuConfig)
+attention_gpu = _attention("gpu", PallasGpuConfig)
