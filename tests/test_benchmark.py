@@ -60,3 +60,27 @@ def test_command_line_rejects_unknown_mechanism(tmp_path):
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "--mechanisms: unknown ['nope']" in result.stderr
+
+
+def test_kernel_suite_layouts_and_ideal_ratio():
+  from attn_jax import block_mask as bm_lib
+  from experiments import kernels
+  for case, density in (("sparse_50", 0.5), ("sparse_25", 0.25), ("sparse_12.5", 0.125)):
+    mask, causal = kernels.case_mask(case, 1024, (128, 64))
+    bm = bm_lib.make_block_mask(mask, 1024, 1024, 128, 64)
+    assert not causal and bm.num_partial == 0 and bm.density == pytest.approx(density)
+  records = [dict(case="dense_causal", seq_len=8, mode="fwd", density=0.5, xla_ms=10.0),
+             dict(case="sparse_25", seq_len=8, mode="fwd", density=0.25, xla_ms=6.0)]
+  kernels.add_ideal_ratios(records, None)
+  # Dense non-causal time is estimated as 10 / 0.5 = 20 ms; ideal at 25 % is 5 ms.
+  assert records[1]["ideal_ratio"] == pytest.approx(1.2)
+
+
+def test_kernel_suite_command_line(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.benchmark", "--suite=kernels", f"--workdir={tmp_path}",
+         "--seq_lens=256", "--cases=dense_causal,sparse_50", "--modes=fwd", "--repeats=1"]
+  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+  payload = json.loads((tmp_path / "results.json").read_text())
+  assert [r["case"] for r in payload["kernels"]] == ["dense_causal", "sparse_50"]
+  assert all("xla_ms" in r and r["tflops"] > 0 for r in payload["kernels"])
+  assert "xla backend only" in (tmp_path / "report.md").read_text()
