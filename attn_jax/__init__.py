@@ -11,7 +11,10 @@ Public API::
 from attn_jax import block_mask
 from attn_jax import dispatch
 from attn_jax import masks
+from attn_jax import neighborhood
 from attn_jax.block_mask import BlockMask, make_block_mask
+from attn_jax.neighborhood.api import NeighborhoodConfig, neighborhood_attention
+from attn_jax.neighborhood.mask import NeighborhoodMask
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.xla import XlaConfig
 
@@ -25,4 +28,8 @@ __all__ = [
     "BlockMask",
     "make_block_mask",
     "XlaConfig",
+    "neighborhood",
+    "neighborhood_attention",
+    "NeighborhoodMask",
+    "NeighborhoodConfig",
 ]
