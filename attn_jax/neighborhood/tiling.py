@@ -133,7 +133,7 @@ class TileLayout:
       hulls.append((digit_lo[a], digit_hi[a], c_lo, c_hi))
     return hulls
 
-  def permute(self, x):
+  def permute(self, x, xp=jnp):
     """``[B, *spatial, H, D] -> [B, num_tokens, H, D]`` in tiled order, zero padded."""
     n = self.ndim
     b = x.shape[0]
@@ -145,7 +145,7 @@ class TileLayout:
       # Position x = c * d + r = (g * T + t) * d + r: row-major digits (g, t, r).
       split += [g, t, d]
     widths += [(0, 0)] * len(rest)
-    x = jnp.pad(x, widths).reshape(tuple(split) + rest)
+    x = xp.pad(x, widths).reshape(tuple(split) + rest)
     g_axes = [1 + 3 * a for a in range(n)]
     t_axes = [2 + 3 * a for a in range(n)]
     r_axes = [3 + 3 * a for a in range(n)]
@@ -172,7 +172,7 @@ class TileLayout:
     """For tests and plots: ``perm[x_flat]`` = permuted index of row-major grid position x."""
     grid = np.arange(math.prod(self.spatial_shape)).reshape((1,) + self.spatial_shape + (1,))
     # Mark padding with -1 so that the inverse mapping can be read off the permuted sequence.
-    permuted = np.asarray(self.permute(jnp.asarray(grid + 1)))[0, :, 0] - 1
+    permuted = self.permute(grid + 1, np)[0, :, 0] - 1
     perm = np.empty(math.prod(self.spatial_shape), np.int64)
     valid = permuted >= 0
     perm[permuted[valid]] = np.nonzero(valid)[0]

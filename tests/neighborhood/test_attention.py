@@ -12,24 +12,21 @@ from tests.neighborhood import dense_reference
 
 # (spatial shape, kernel_size, stride, dilation, is_causal, extra keys, sinks, (Hq, Hkv), tile).
 # Tiles are forced small so that every case has full, partial and empty blocks (except the
-# blocked case, whose heuristic tiles make every visited block full, and the heuristic cases).
+# blocked case, whose heuristic tiles make every visited block full). Value head dim 6 != 8.
 CASES = {
-    "1d_odd_len_even_kernel": ((13,), 4, 1, 1, False, 0, False, (2, 2), (3,)),
-    "1d_stride_dilation_extra_sinks": ((19,), 5, 2, 2, False, 3, True, (2, 1), (3,)),
-    "1d_causal_stride": ((17,), 6, 3, 1, True, 0, False, (2, 2), (3,)),
-    "2d_7x9": ((7, 9), (3, 5), 1, 1, False, 0, False, (2, 2), (2, 4)),
+    "1d_stride_dilation_extra_sinks_gqa": ((19,), 5, 2, 2, False, 3, True, (2, 1), (3,)),
+    "1d_causal_even_kernel_stride": ((13,), 4, 3, 1, True, 0, False, (2, 2), (3,)),
     "2d_7x9_stride_dilation_causal_axis1": (
         (7, 9), (3, 4), (2, 1), (2, 1), (False, True), 2, True, (4, 2), (3, 2)),
-    "2d_blocked_heuristic_tiles": ((8, 12), (4, 3), (4, 3), 1, False, 0, False, (2, 2), None),
     "2d_kernel_equals_size_axis0": ((6, 9), (6, 3), (1, 2), (1, 3), False, 0, False, (2, 2), (4, 3)),
+    "2d_blocked_heuristic_tiles": ((8, 12), (4, 3), (4, 3), 1, False, 0, False, (2, 2), None),
     "3d_5x6x7": ((5, 6, 7), (2, 3, 3), (1, 3, 2), 1, (True, False, False), 2, False, (2, 2), (1, 3, 2)),
     "3d_dilation_causal": (
         (4, 6, 6), (2, 3, 2), (2, 1, 2), (1, 2, 3), (True, True, False), 0, True, (2, 1), (1, 2, 2)),
-    "3d_heuristic_tiles": ((5, 6, 7), 3, 1, 1, False, 1, False, (2, 2), None),
 }
 
 
-def _inputs(seed, shape, hq, hkv, extra, dtype, d=8, dv=8):
+def _inputs(seed, shape, hq, hkv, extra, dtype, d=8, dv=6):
   ks = jax.random.split(jax.random.PRNGKey(seed), 8)
   b = 2
   q = jax.random.normal(ks[0], (b,) + shape + (hq, d)).astype(dtype)
