@@ -221,6 +221,8 @@ def axis_tile_counts(length: int, dilation: int, kernel: int, stride: int, causa
 
 # A partial block costs the predicate's evaluation on top of a full block's work.
 _PARTIAL_COST = 0.5
+# How much more estimated work a tile of exactly `target` tokens may cost and still be preferred.
+_EXACT_SLACK = 1.25
 
 
 @functools.lru_cache(maxsize=256)
@@ -236,7 +238,8 @@ def choose_tile_shape(spatial_shape: tuple[int, ...], kernel_size: tuple[int, ..
   whole tiles counts as work. Candidate tiles per axis are powers of two and divisors of the
   axis (per residue class) up to ``target``. Blocked axes (stride == kernel_size) only take
   tile sizes that divide the kernel size, so that aligned blocked configurations are exactly
-  block-sparse (no partial blocks).
+  block-sparse (no partial blocks). A tile of exactly ``target`` tokens is preferred unless it
+  costs over 25% more than the best tile (kernels want block sizes that are multiples of 128).
   """
   n = len(spatial_shape)
   per_axis = []
@@ -248,19 +251,25 @@ def choose_tile_shape(spatial_shape: tuple[int, ...], kernel_size: tuple[int, ..
                                        is_causal[a], t)
       options.append((t, visited, full))
     per_axis.append(options)
-  best, best_key = None, None
-  for combo in _product(per_axis):
+
+  def cost_key(combo):
     volume = math.prod(t for t, _, _ in combo)
-    if volume > target:
-      continue
     visited = math.prod(v for _, v, _ in combo)
     full = math.prod(f for _, _, f in combo)
     cost = (visited + _PARTIAL_COST * (visited - full)) * max(volume, target) ** 2
     # Ties go to the larger tile, then to the more balanced one.
-    key = (cost, -volume, max(t for t, _, _ in combo))
-    if best_key is None or key < best_key:
-      best, best_key = tuple(t for t, _, _ in combo), key
-  return best
+    return cost, -volume, max(t for t, _, _ in combo)
+
+  combos = [c for c in _product(per_axis) if math.prod(t for t, _, _ in c) <= target]
+  best = min(combos, key=cost_key)
+  # Kernels want blocks of exactly `target` tokens (a multiple of the TPU lane width): take the
+  # best such tile unless it costs much more (padding, a blocked axis that admits none).
+  exact = [c for c in combos if math.prod(t for t, _, _ in c) == target]
+  if exact:
+    best_exact = min(exact, key=cost_key)
+    if cost_key(best_exact)[0] <= _EXACT_SLACK * cost_key(best)[0]:
+      best = best_exact
+  return tuple(t for t, _, _ in best)
 
 
 def _product(options):

@@ -192,3 +192,25 @@ def test_tile_heuristic_prefers_128_token_tiles_when_the_grid_allows(shape, kern
     assert math.prod(tile) == 128, tile
   else:
     assert math.prod(tile) <= 128 and all(1 <= t <= s for t, s in zip(tile, shape)), tile
+
+
+def test_exact_bounds_skip_the_elementwise_check(monkeypatch):
+  calls = []
+  evaluate = attn_jax.NeighborhoodMask.evaluate
+
+  def counting(self, *args):
+    calls.append(1)
+    return evaluate(self, *args)
+
+  monkeypatch.setattr(attn_jax.NeighborhoodMask, "evaluate", counting)
+  # A configuration used by no other test, so that the memoised BlockMask is computed here.
+  mask, layout = _mask((37, 23), (17, 15), (1, 2), (1, 1), (False, True), (4, 4))
+  n, t = layout.num_tokens, layout.tile_size
+  bm = bm_lib.make_block_mask(mask, n, n + 5, t, t)
+  assert bm.num_partial > 0 and bm.num_full > 0 and not calls
+  dense = mask.materialize(n, n + 5)[None]
+  np.testing.assert_array_equal(bm.kinds, brute_kinds(dense, t, t))
+  calls.clear()
+  # Blocks that straddle tiles are not covered by the exactness claim: they get refined.
+  bm_lib.make_block_mask(mask, n, n + 5, t + 8, t)
+  assert calls
