@@ -76,15 +76,16 @@ class NeighborhoodAttention(nnx.Module):
     if self.rope and self.head_dim % (2 * n):
       raise ValueError(f"rope=True needs head_dim divisible by 2 * {n} spatial axes, got "
                        f"head_dim={self.head_dim}")
+    if context is not None and (context.ndim != 3 or context.shape[0] != x.shape[0]
+                                or context.shape[-1] != x.shape[-1]):
+      raise ValueError(f"context must have shape [batch, tokens, features] = [{x.shape[0]}, T, "
+                       f"{x.shape[-1]}], got {tuple(context.shape)}")
     q, k, v = self.query(x), self.key(x), self.value(x)
     if self.rope:
       q = rope_lib.axial_rope(q, self.rope_base)
       k = rope_lib.axial_rope(k, self.rope_base)
     extra_k = extra_v = None
     if context is not None:
-      if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != x.shape[-1]:
-        raise ValueError(f"context must have shape [batch, tokens, features] = [{x.shape[0]}, T, "
-                         f"{x.shape[-1]}], got {tuple(context.shape)}")
       extra_k, extra_v = self.key(context).astype(k.dtype), self.value(context).astype(v.dtype)
     sinks = None if self.sinks is None else self.sinks[...]
     o = api.neighborhood_attention(q, k, v, self.kernel_size, self.stride, self.dilation,

@@ -109,13 +109,18 @@ class NeighborhoodMask(masks_lib.Mask):
     return np.broadcast_to(may, shape), np.broadcast_to(must, shape)
 
   def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx):
-    # On one whole tile the hull is the tile itself, so the per-axis analysis is exact; key
-    # ranges made only of additional keys are all visible.
-    t, n_sp = self.layout.tile_size, self.layout.num_tokens
-    q_lo, q_hi, k_lo, k_hi = (np.asarray(x) for x in (q_lo, q_hi, k_lo, k_hi))
-    q_tile = (q_lo % t == 0) & (q_hi == q_lo + (t - 1))
-    k_tile = (k_lo % t == 0) & (k_hi == k_lo + (t - 1)) & (k_hi < n_sp)
-    return q_tile & (k_tile | (k_lo >= n_sp))
+    # The per-axis analysis is exact on boxes inside one residue class per axis: whole tiles,
+    # or runs of tiles that form a box (blocks that are multiples of the tile). Key ranges made
+    # only of additional keys are all visible.
+    lay = self.layout
+    n_sp = lay.num_tokens
+    k_lo, k_hi = np.asarray(k_lo), np.asarray(k_hi)
+    k_lo_sp, k_hi_sp = np.minimum(k_lo, n_sp - 1), np.minimum(k_hi, n_sp - 1)
+    exact = lay.range_is_box(q_lo, q_hi) & lay.range_is_box(k_lo_sp, k_hi_sp)
+    for (rq_lo, rq_hi, _, _), (rk_lo, rk_hi, _, _) in zip(lay.axis_hulls(q_lo, q_hi),
+                                                          lay.axis_hulls(k_lo_sp, k_hi_sp)):
+      exact = exact & (rq_lo == rq_hi) & (rk_lo == rk_hi)
+    return exact | (k_lo >= n_sp)
 
   def __repr__(self):
     lay = self.layout

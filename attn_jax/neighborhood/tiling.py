@@ -133,6 +133,19 @@ class TileLayout:
       hulls.append((digit_lo[a], digit_hi[a], c_lo, c_hi))
     return hulls
 
+  def range_is_box(self, lo, hi):
+    """Whether the tokens with permuted index in ``[lo, hi]`` are exactly their hull (host NumPy).
+
+    True for whole tiles and for runs of whole tiles that do not wrap around a row of the tile
+    grid; :meth:`axis_hulls` is then exact.
+    """
+    lo = np.asarray(lo, np.int64)
+    hi = np.asarray(hi, np.int64)
+    volume = np.ones(np.broadcast_shapes(lo.shape, hi.shape), np.int64)
+    for r_lo, r_hi, c_lo, c_hi in self.axis_hulls(lo, hi):
+      volume = volume * (r_hi - r_lo + 1) * (c_hi - c_lo + 1)
+    return volume == hi - lo + 1
+
   def permute(self, x, xp=jnp):
     """``[B, *spatial, H, D] -> [B, num_tokens, H, D]`` in tiled order, zero padded."""
     n = self.ndim

@@ -64,9 +64,10 @@ def test_block_classification_is_exact_for_tiles_and_sound_for_any_blocks(config
   n = layout.num_tokens
   dense = mask.materialize(n, n + extra)[None]
   t = layout.tile_size
-  # Tile-aligned blocks are classified from the bounds alone (exact); other block sizes go
-  # through the element-wise refinement, which is right only if the bounds are sound.
-  for block_q, block_kv in ((t, t), (bq, bk)):
+  # Tile-aligned blocks (and multiples of tiles that form boxes) are classified from the bounds
+  # alone, which is right only if the exactness claims are; other block sizes go through the
+  # element-wise refinement, which is right only if the bounds are sound.
+  for block_q, block_kv in ((t, t), (2 * t, 3 * t), (bq, bk)):
     bm = bm_lib.make_block_mask(mask, n, n + extra, block_q, block_kv)
     np.testing.assert_array_equal(bm.kinds, brute_kinds(dense, block_q, block_kv))
 
