@@ -70,7 +70,9 @@ def backend_config(implementation, block_size: int):
   """The softmax backend config whose blocks coincide with the grid tiles.
 
   ``block_size`` is the tile's token count, so each attention block is one tile of queries
-  against one tile of keys. Returns None for backends configured otherwise (the reference).
+  against one tile of keys (blocks that are whole multiples of the tile also compile from the
+  mask's exact bounds, with fewer full blocks). Returns None for the reference backend and, until
+  they are added here, for the Pallas kernels, which then use their default block sizes.
   """
   name = implementation
   if name is None:

@@ -70,7 +70,7 @@ class NeighborhoodMask(masks_lib.Mask):
       length, d = lay.spatial_shape[a], lay.dilation[a]
       axis_len = length if d == 1 else windows.residue_length(length, d, rq)
       start, end = windows.axis_window(cq, axis_len, self.kernel_size[a], self.stride[a],
-                               self.is_causal[a], xp)
+                                       self.is_causal[a], xp)
       ok = (start <= ck) & (ck <= end)
       if d > 1:
         ok = ok & (rq == rk)

@@ -221,9 +221,8 @@ def axis_tile_counts(length: int, dilation: int, kernel: int, stride: int, causa
     axis_len = windows.residue_length(length, dilation, r)
     first = np.arange(g) * tile
     last = first + tile - 1
-    start_a, _ = windows.axis_window(first, axis_len, kernel, stride, causal, np)
+    start_a, end_a = windows.axis_window(first, axis_len, kernel, stride, causal, np)
     start_b, end_b = windows.axis_window(last, axis_len, kernel, stride, causal, np)
-    _, end_a = windows.axis_window(first, axis_len, kernel, stride, causal, np)
     # The queries of a tile see the contiguous key range [start(first), end(last)], and all of
     # them see [start(last), end(first)] (see windows.py); end never passes the last real key.
     lo = np.maximum(start_a, 0)
