@@ -51,14 +51,20 @@ CONFIGS = {
     "cpu_3d": ((8, 32, 32), (4, 8, 8), 1, False, 4, 64),
 }
 
-_CONFIGS = flags.DEFINE_list("configs", ["cpu_1d", "cpu_2d", "cpu_2d_stride", "cpu_3d"],
-                             f"Configurations: {sorted(CONFIGS)}.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
-_MODES = flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
-_DENSE = flags.DEFINE_bool("dense", True, "Also time dense attention (needs O(tokens^2) memory off GPU).")
-_WORKDIR = flags.DEFINE_string("workdir", "neighborhood_benchmark_out", "Output directory.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  # Defined only when run as a script, so that importing this module (tests) does not clash with
+  # the flags of experiments.benchmark.
+  flags.DEFINE_list("configs", ["cpu_1d", "cpu_2d", "cpu_2d_stride", "cpu_3d"],
+                    f"Configurations: {sorted(CONFIGS)}.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
+  flags.DEFINE_integer("batch", 1, "Batch size.")
+  flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
+  flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
+  flags.DEFINE_bool("dense", True, "Also time dense attention (O(tokens^2) memory off GPU).")
+  flags.DEFINE_string("workdir", "neighborhood_benchmark_out", "Output directory.")
 
 
 def _time(fn, *args, repeats):
@@ -159,23 +165,24 @@ def markdown(records, env) -> str:
 
 def main(argv):
   del argv
-  unknown = [c for c in _CONFIGS.value if c not in CONFIGS]
+  unknown = [c for c in FLAGS.configs if c not in CONFIGS]
   if unknown:
     raise app.UsageError(f"--configs: unknown {unknown}; known: {sorted(CONFIGS)}")
-  bad = [m for m in _MODES.value if m not in ("fwd", "fwd_bwd")]
+  bad = [m for m in FLAGS.modes if m not in ("fwd", "fwd_bwd")]
   if bad:
     raise app.UsageError(f"--modes: unknown {bad}; known: fwd, fwd_bwd")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  records = [run_config(c, jnp.dtype(_DTYPE.value), _BATCH.value, _MODES.value, _REPEATS.value,
-                        _DENSE.value) for c in _CONFIGS.value]
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  records = [run_config(c, jnp.dtype(FLAGS.dtype), FLAGS.batch, FLAGS.modes, FLAGS.repeats,
+                        FLAGS.dense) for c in FLAGS.configs]
   env = report.environment()
-  with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
-    json.dump(dict(environment=env, dtype=_DTYPE.value, results=records), f, indent=1)
+  with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
+    json.dump(dict(environment=env, dtype=FLAGS.dtype, results=records), f, indent=1)
   md = markdown(records, env)
-  with open(os.path.join(_WORKDIR.value, "report.md"), "w") as f:
+  with open(os.path.join(FLAGS.workdir, "report.md"), "w") as f:
     f.write(md)
   print(md)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
