@@ -11,7 +11,10 @@ Public API::
 from attn_jax import block_mask
 from attn_jax import dispatch
 from attn_jax import masks
+from attn_jax import neighborhood
 from attn_jax.block_mask import BlockMask, make_block_mask
+from attn_jax.neighborhood.api import NeighborhoodConfig, neighborhood_attention
+from attn_jax.neighborhood.mask import NeighborhoodMask
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.pallas import PallasGpuConfig, PallasTpuConfig
 from attn_jax.softmax.xla import XlaConfig
@@ -28,4 +31,8 @@ __all__ = [
     "XlaConfig",
     "PallasTpuConfig",
     "PallasGpuConfig",
+    "neighborhood",
+    "neighborhood_attention",
+    "NeighborhoodMask",
+    "NeighborhoodConfig",
 ]

@@ -283,11 +283,15 @@ def _make_block_mask_cached(mask, q_len, kv_len, block_q, block_kv, num_heads) -
   may, must = mask.block_bounds(q_lo, q_hi, k_lo, k_hi, ctx)
   may = np.broadcast_to(np.asarray(may, bool), (nq, nk))
   must = np.broadcast_to(np.asarray(must, bool), (nq, nk)) & may
+  # Masks whose bounds are exact on (some) rectangles classify those as partial without the
+  # element-wise check below, which dominates compile time for large grids.
+  exact = np.broadcast_to(np.asarray(mask.block_bounds_exact(q_lo, q_hi, k_lo, k_hi, ctx), bool), (nq, nk))
   hm = num_heads or 1
-  kinds = np.where(must & ~k_padded, FULL, np.where(must, PARTIAL, EMPTY)).astype(np.int32)
+  known_partial = must | (may & exact)
+  kinds = np.where(must & ~k_padded, FULL, np.where(known_partial, PARTIAL, EMPTY)).astype(np.int32)
   kinds = np.repeat(kinds[None], hm, axis=0)
 
-  undecided = np.argwhere(may & ~must)
+  undecided = np.argwhere(may & ~must & ~exact)
   rows = np.arange(block_q)
   cols = np.arange(block_kv)
   head = np.arange(hm)[:, None, None, None] if num_heads else None

@@ -101,6 +101,11 @@ class Mask:
     shape = np.broadcast_shapes(np.shape(q_lo), np.shape(k_lo))
     return np.ones(shape, bool), np.zeros(shape, bool)
 
+  def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx: MaskContext):
+    """Where True, ``block_bounds`` is exact on the rectangle: ``may_any & ~must_all`` means
+    some but not all pairs are visible, and the BlockMask compiler skips its element-wise check."""
+    return False
+
   def validate(self, ctx: MaskContext) -> None:
     """Raises ValueError if the mask cannot be applied to these lengths."""
 

@@ -1,0 +1,1 @@
+"""Neighborhood attention (NATTEN semantics) on the block-sparse softmax engine."""

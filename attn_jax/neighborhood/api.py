@@ -1,0 +1,242 @@
+"""``attn_jax.neighborhood_attention``: NATTEN's neighborhood attention on the block-sparse engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import jax.numpy as jnp
+import numpy as np
+
+from attn_jax import dispatch
+from attn_jax.neighborhood import mask as mask_lib
+from attn_jax.neighborhood import tiling
+from attn_jax.softmax import api as softmax_api
+from attn_jax.softmax import xla
+
+
+def _per_axis(name, value, n, kind):
+  """Expands an int/bool to ``n`` axes and checks a per-axis tuple's length and element types."""
+  if kind is bool:
+    ok = lambda x: isinstance(x, (bool, np.bool_))
+    what = "a bool or a tuple of bools"
+  else:
+    ok = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+    what = "an int or a tuple of ints"
+  if ok(value):
+    return (kind(value),) * n
+  if isinstance(value, (tuple, list)):
+    if len(value) != n:
+      raise ValueError(f"{name} must have one entry per spatial axis ({n} for a {n}-D grid), "
+                       f"got {value!r}")
+    if all(ok(x) for x in value):
+      return tuple(kind(x) for x in value)
+  raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def check_arguments(spatial_shape, kernel_size, stride, dilation, is_causal):
+  """Validates and normalises the per-axis arguments with NATTEN's rules.
+
+  Returns:
+    ``(kernel_size, stride, dilation, is_causal)`` as tuples of length ``len(spatial_shape)``.
+
+  Raises:
+    ValueError: ``kernel_size < 2``, ``stride < 1``, ``dilation < 1``, ``stride >
+      kernel_size`` or ``kernel_size * dilation > spatial size`` on any axis.
+  """
+  n = len(spatial_shape)
+  kernel_size = _per_axis("kernel_size", kernel_size, n, int)
+  stride = _per_axis("stride", stride, n, int)
+  dilation = _per_axis("dilation", dilation, n, int)
+  is_causal = _per_axis("is_causal", is_causal, n, bool)
+  if any(k < 2 for k in kernel_size):
+    raise ValueError(f"kernel_size must be >= 2 on every axis (NATTEN's rule), got {kernel_size}")
+  if any(s < 1 for s in stride):
+    raise ValueError(f"stride must be >= 1 on every axis, got {stride}")
+  if any(d < 1 for d in dilation):
+    raise ValueError(f"dilation must be >= 1 on every axis, got {dilation}")
+  if any(s > k for s, k in zip(stride, kernel_size)):
+    raise ValueError(f"stride must be <= kernel_size on every axis, got stride={stride}, "
+                     f"kernel_size={kernel_size}")
+  if any(k * d > length for k, d, length in zip(kernel_size, dilation, spatial_shape)):
+    raise ValueError(
+        f"kernel_size * dilation must be <= the spatial size on every axis, got "
+        f"kernel_size={kernel_size}, dilation={dilation} for spatial shape {tuple(spatial_shape)}")
+  return kernel_size, stride, dilation, is_causal
+
+
+def backend_config(implementation, block_size: int):
+  """The softmax backend config whose blocks coincide with the grid tiles.
+
+  ``block_size`` is the tile's token count, so each attention block is one tile of queries
+  against one tile of keys (blocks that are whole multiples of the tile also compile from the
+  mask's exact bounds, with fewer full blocks). Returns None for the reference backend and, until
+  they are added here, for the Pallas kernels, which then use their default block sizes.
+  """
+  name = implementation
+  if name is None:
+    order = dispatch.platform_order(softmax_api.FAMILY)
+    name = order[0] if order else "xla"
+  if name == "xla":
+    return xla.XlaConfig(block_q=block_size, block_kv=block_size)
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighborhoodConfig:
+  """Tunables of :func:`neighborhood_attention`.
+
+  Attributes:
+    tile_shape: tokens per tile along each axis (per dilation class) for the token permutation;
+      the attention block size is ``prod(tile_shape)``. None picks it with
+      :func:`attn_jax.neighborhood.tiling.choose_tile_shape`.
+    target_tile_size: the largest tile (in tokens) the heuristic considers; tiles below it are
+      costed as if they had this size (kernel steps cost about the same below it).
+  """
+
+  tile_shape: tuple[int, ...] | None = None
+  target_tile_size: int = 128
+
+  def __post_init__(self):
+    if self.tile_shape is not None:
+      if (not isinstance(self.tile_shape, tuple) or not self.tile_shape
+          or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in self.tile_shape)):
+        raise ValueError(f"NeighborhoodConfig.tile_shape must be a tuple of positive ints or None, "
+                         f"got {self.tile_shape!r}")
+    t = self.target_tile_size
+    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+      raise ValueError(f"NeighborhoodConfig.target_tile_size must be a positive int, got {t!r}")
+
+
+def _check_array(name, x):
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+
+
+def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, *,
+                           sinks=None, additional_keys=None, additional_values=None, scale=None,
+                           implementation=None, return_lse=False, config=None):
+  """Neighborhood attention over a 1-D, 2-D or 3-D token grid, with NATTEN's semantics.
+
+  Each query attends to a window of ``kernel_size`` keys per axis around it (the product over
+  axes), plus the optional additional keys. Per axis of length ``L``, window ``w``, stride ``s``,
+  dilation ``d``:
+
+  * The window is shifted inward at the borders, never clipped: every query sees exactly ``w``
+    keys along the axis (non-causal). ``w == L`` is full attention along the axis.
+  * Stride ``s`` groups consecutive queries by ``s``; all queries of a group share the window
+    of its leader (the centre query, ``s // 2`` into the group, or the last real one at the end
+    of the axis). ``s == w`` gives blocked (Swin-like, non-overlapping) attention.
+  * Dilation ``d`` runs all of the above separately inside each residue class
+    ``{r, r + d, r + 2d, ...}``: query ``x`` sees keys of its class only, ``d`` apart.
+  * Causal (per axis) keeps the keys at or before the query along that axis, within ``w`` of
+    the group leader, which is then the group's last query.
+
+  Worked example (1-D, ``L = 8``; ``kernel_size=3`` has ``w // 2 = 1`` key on each side)::
+
+    kernel_size=3:                    query 0 -> keys {0, 1, 2}   (shifted right at the border)
+                                      query 3 -> keys {2, 3, 4}
+                                      query 7 -> keys {5, 6, 7}   (shifted left)
+    kernel_size=4 (even: 2 left, 1 right):  query 3 -> keys {1, 2, 3, 4}
+    kernel_size=3, stride=2:          queries 0, 1 -> leader 1 -> keys {0, 1, 2}
+                                      queries 2, 3 -> leader 3 -> keys {2, 3, 4}
+                                      queries 6, 7 -> leader 7 -> keys {5, 6, 7}
+    kernel_size=3, dilation=2:        query 0 -> keys {0, 2, 4}; query 5 -> keys {3, 5, 7}
+                                      query 6 -> keys {2, 4, 6}   (class {0, 2, 4, 6})
+    kernel_size=3, is_causal=True:    query 0 -> {0}; query 1 -> {0, 1}; query 5 -> {3, 4, 5}
+
+  In 2-D, with ``kernel_size=(3, 3)`` on a 5x5 grid, query (0, 2) sees rows {0, 1, 2} x
+  columns {1, 2, 3}: 9 keys. ``is_causal=(True, False)`` (video-style: causal in time only) keeps
+  rows at or before the query's and the full non-causal column window.
+
+  Implementation: the tokens are permuted so that tiles of the grid are contiguous (GNA's token
+  permutation; dilation classes are separated by the same permutation), then
+  :func:`attn_jax.attention` runs with a :class:`NeighborhoodMask` whose block size is the tile's
+  token count, so that most visited blocks are full and the mask is evaluated only on the
+  others; the output is permuted back. Any grid size works (the grid is padded to whole tiles
+  and the padding masked out).
+
+  Args:
+    q: queries ``[B, *spatial, Hq, D]`` with 1 to 3 spatial axes.
+    k: keys ``[B, *spatial, Hkv, D]``; ``Hq`` a multiple of ``Hkv`` (GQA / MQA).
+    v: values ``[B, *spatial, Hkv, Dv]``.
+    kernel_size: window size per axis (int or tuple), ``2 <= kernel_size * dilation <= size``.
+    stride: per axis, ``1 <= stride <= kernel_size``.
+    dilation: per axis, ``>= 1``.
+    is_causal: per axis (bool or tuple of bools).
+    sinks: ``[Hq]`` learned per-head logits in the softmax denominator only (gpt-oss).
+    additional_keys, additional_values: ``[B, N_extra, Hkv, D]`` / ``[B, N_extra, Hkv, Dv]``,
+      e.g. text tokens, visible to every query (both or neither).
+    scale: logit scale, default ``D ** -0.5``.
+    implementation: softmax backend (None: the platform's default; ``"xla"``; ``"reference"``).
+    return_lse: also return the log-sum-exp ``[B, *spatial, Hq]`` (float32).
+    config: a :class:`NeighborhoodConfig` (tile shape); None uses the heuristic.
+
+  Returns:
+    ``out [B, *spatial, Hq, Dv]`` in the dtype of ``q`` (and ``lse`` with ``return_lse``).
+  """
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    _check_array(name, x)
+    if x.ndim not in (4, 5, 6):
+      raise ValueError(f"{name} must have shape [batch, *spatial, heads, head_dim] with 1 to 3 "
+                       f"spatial axes (rank 4 to 6), got shape {tuple(x.shape)}")
+  if not q.ndim == k.ndim == v.ndim:
+    raise ValueError(f"q, k, v must have the same rank, got shapes {tuple(q.shape)}, "
+                     f"{tuple(k.shape)}, {tuple(v.shape)}")
+  n = q.ndim - 3
+  spatial = tuple(q.shape[1:1 + n])
+  if tuple(k.shape[:1 + n]) != tuple(q.shape[:1 + n]) or tuple(v.shape[:1 + n]) != tuple(q.shape[:1 + n]):
+    raise ValueError(f"q, k, v must share batch and spatial shape, got {tuple(q.shape)}, "
+                     f"{tuple(k.shape)}, {tuple(v.shape)}")
+  kernel_size, stride, dilation, is_causal = check_arguments(
+      spatial, kernel_size, stride, dilation, is_causal)
+
+  b = q.shape[0]
+  hq, d = q.shape[-2:]
+  hkv = k.shape[-2]
+  if (additional_keys is None) != (additional_values is None):
+    raise ValueError("additional_keys and additional_values must be given together, got "
+                     f"additional_keys={'None' if additional_keys is None else 'an array'}, "
+                     f"additional_values={'None' if additional_values is None else 'an array'}")
+  if additional_keys is not None:
+    _check_array("additional_keys", additional_keys)
+    _check_array("additional_values", additional_values)
+    ak, av = additional_keys, additional_values
+    if ak.ndim != 4 or ak.shape[0] != b or ak.shape[2:] != k.shape[-2:]:
+      raise ValueError(f"additional_keys must have shape [batch, N_extra, Hkv, D] = "
+                       f"[{b}, N_extra, {hkv}, {d}], got {tuple(ak.shape)}")
+    if av.ndim != 4 or av.shape[:3] != ak.shape[:3] or av.shape[3] != v.shape[-1]:
+      raise ValueError(f"additional_values must have shape [batch, N_extra, Hkv, Dv] = "
+                       f"[{b}, {ak.shape[1]}, {hkv}, {v.shape[-1]}], got {tuple(av.shape)}")
+    if ak.dtype != k.dtype or av.dtype != v.dtype:
+      raise ValueError(f"additional_keys/values must have the dtype of k/v ({k.dtype}), got "
+                       f"{ak.dtype}, {av.dtype}")
+  if scale is None:
+    scale = 1.0 / math.sqrt(d)
+
+  if config is None:
+    config = NeighborhoodConfig()
+  elif not isinstance(config, NeighborhoodConfig):
+    raise ValueError(f"config must be a NeighborhoodConfig or None, got {type(config).__name__}")
+  tile_shape = config.tile_shape
+  if tile_shape is None:
+    tile_shape = tiling.choose_tile_shape(spatial, kernel_size, stride, dilation, is_causal,
+                                          config.target_tile_size)
+  elif len(tile_shape) != n:
+    raise ValueError(f"config.tile_shape must have one entry per spatial axis ({n}), got {tile_shape}")
+  layout = tiling.TileLayout(spatial, dilation, tile_shape)
+  mask = mask_lib.NeighborhoodMask(layout, kernel_size, stride, is_causal)
+
+  qp, kp, vp = layout.permute(q), layout.permute(k), layout.permute(v)
+  if additional_keys is not None:
+    kp = jnp.concatenate([kp, additional_keys], axis=1)
+    vp = jnp.concatenate([vp, additional_values], axis=1)
+  out, lse = softmax_api.attention(qp, kp, vp, mask=mask, scale=scale, sinks=sinks,
+                                   implementation=implementation,
+                                   config=backend_config(implementation, layout.tile_size),
+                                   return_lse=True)
+  out = layout.unpermute(out)
+  if return_lse:
+    return out, layout.unpermute(lse)
+  return out
