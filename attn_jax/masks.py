@@ -72,7 +72,7 @@ def div_nonneg(x, d: int, xp):
   correction whose Mosaic lowering is chip-specific and slower, and masks evaluated in-kernel only
   ever divide non-negative indices. Callers shift possibly negative values first.
   """
-  if xp is np:
+  if isinstance(x, (int, np.integer, np.ndarray)):
     return np.floor_divide(x, d)
   from jax import lax  # Deferred: masks.py itself stays importable without initialising jax.
   return lax.div(x, xp.asarray(d, dtype=x.dtype))
@@ -80,7 +80,7 @@ def div_nonneg(x, d: int, xp):
 
 def rem_nonneg(x, d: int, xp):
   """``x % d`` for non-negative integer arrays and a positive constant (see :func:`div_nonneg`)."""
-  if xp is np:
+  if isinstance(x, (int, np.integer, np.ndarray)):
     return np.remainder(x, d)
   from jax import lax
   return lax.rem(x, xp.asarray(d, dtype=x.dtype))

@@ -13,6 +13,7 @@ from attn_jax import dispatch
 from attn_jax.neighborhood import mask as mask_lib
 from attn_jax.neighborhood import tiling
 from attn_jax.softmax import api as softmax_api
+from attn_jax.softmax import pallas
 from attn_jax.softmax import xla
 
 
@@ -66,20 +67,45 @@ def check_arguments(spatial_shape, kernel_size, stride, dilation, is_causal):
   return kernel_size, stride, dilation, is_causal
 
 
-def backend_config(implementation, block_size: int):
+def resolve_backend(implementation: str | None) -> str:
+  """The softmax backend that will serve the call (the platform's first when None)."""
+  if implementation is not None:
+    return implementation
+  order = dispatch.platform_order(softmax_api.FAMILY)
+  return order[0] if order else "xla"
+
+
+def _tpu_native() -> bool:
+  return dispatch.current_platform() == "tpu"
+
+
+# Block sizes each kernel accepts; tiles are chosen among them so that one block is one tile.
+_BLOCK_RULES = {
+    "pallas_gpu": lambda n: n >= 16 and n & (n - 1) == 0,
+    "pallas_tpu": lambda n: n % 128 == 0 if _tpu_native() else n % 8 == 0,
+}
+
+
+def tile_volume_rule(name: str):
+  """Predicate on tile token counts that the backend ``name`` can use as its block size."""
+  return _BLOCK_RULES.get(name)
+
+
+def backend_config(name: str, block_size: int):
   """The softmax backend config whose blocks coincide with the grid tiles.
 
   ``block_size`` is the tile's token count, so each attention block is one tile of queries
-  against one tile of keys (blocks that are whole multiples of the tile also compile from the
-  mask's exact bounds, with fewer full blocks). Returns None for the reference backend and, until
-  they are added here, for the Pallas kernels, which then use their default block sizes.
+  against one tile of keys. For a kernel that cannot take that block size (e.g. a 7x7 tile on a
+  GPU, whose blocks are powers of two) the kernel keeps its own block sizes: still exact, but its
+  BlockMask is built element-wise and has fewer full blocks. None for the reference backend.
   """
-  name = implementation
-  if name is None:
-    order = dispatch.platform_order(softmax_api.FAMILY)
-    name = order[0] if order else "xla"
   if name == "xla":
     return xla.XlaConfig(block_q=block_size, block_kv=block_size)
+  rule = _BLOCK_RULES.get(name)
+  if rule is not None and rule(block_size):
+    if name == "pallas_gpu":
+      return pallas.PallasGpuConfig(block_q=block_size, block_kv=block_size)
+    return pallas.PallasTpuConfig(block_q=block_size, block_kv=block_size)
   return None
 
 
@@ -219,10 +245,11 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
     config = NeighborhoodConfig()
   elif not isinstance(config, NeighborhoodConfig):
     raise ValueError(f"config must be a NeighborhoodConfig or None, got {type(config).__name__}")
+  backend = resolve_backend(implementation)
   tile_shape = config.tile_shape
   if tile_shape is None:
     tile_shape = tiling.choose_tile_shape(spatial, kernel_size, stride, dilation, is_causal,
-                                          config.target_tile_size)
+                                          config.target_tile_size, tile_volume_rule(backend))
   elif len(tile_shape) != n:
     raise ValueError(f"config.tile_shape must have one entry per spatial axis ({n}), got {tile_shape}")
   layout = tiling.TileLayout(spatial, dilation, tile_shape)
@@ -233,8 +260,8 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
     kp = jnp.concatenate([kp, additional_keys], axis=1)
     vp = jnp.concatenate([vp, additional_values], axis=1)
   out, lse = softmax_api.attention(qp, kp, vp, mask=mask, scale=scale, sinks=sinks,
-                                   implementation=implementation,
-                                   config=backend_config(implementation, layout.tile_size),
+                                   implementation=backend,
+                                   config=backend_config(backend, layout.tile_size),
                                    return_lse=True)
   out = layout.unpermute(out)
   if return_lse:

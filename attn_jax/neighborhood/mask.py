@@ -39,7 +39,8 @@ class NeighborhoodMask(masks_lib.Mask):
 
   Queries are the ``layout.num_tokens`` permuted grid tokens; keys are the same tokens followed
   by any number of additional keys (``kv_idx >= layout.num_tokens``), visible to every query.
-  ``evaluate`` uses only integer ``+ - * // %``, comparisons, ``& | ~`` and ``xp.minimum`` /
+  ``evaluate`` uses only integer ``+ - *``, truncating division and remainder of non-negative
+  values (:func:`attn_jax.masks.div_nonneg`), comparisons, ``& | ~`` and ``xp.minimum`` /
   ``xp.maximum`` on the index arrays, with Python-int constants, so kernels can evaluate it on
   partial tiles.
 
@@ -68,7 +69,7 @@ class NeighborhoodMask(masks_lib.Mask):
     visible = None
     for a, ((rq, cq), (rk, ck)) in enumerate(zip(q_coords, k_coords)):
       length, d = lay.spatial_shape[a], lay.dilation[a]
-      axis_len = length if d == 1 else windows.residue_length(length, d, rq)
+      axis_len = length if d == 1 else windows.residue_length(length, d, rq, xp)
       start, end = windows.axis_window(cq, axis_len, self.kernel_size[a], self.stride[a],
                                        self.is_causal[a], xp)
       ok = (start <= ck) & (ck <= end)

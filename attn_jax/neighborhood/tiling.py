@@ -29,6 +29,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from attn_jax import masks as masks_lib
 from attn_jax.neighborhood import windows
 
 
@@ -97,7 +98,7 @@ class TileLayout:
     """
     n = self.ndim
     # Digits of size 1 are always 0; skipping them keeps the in-kernel predicate short.
-    digits = [(idx // p) % radix if radix > 1 else 0
+    digits = [masks_lib.rem_nonneg(masks_lib.div_nonneg(idx, p, xp), radix, xp) if radix > 1 else 0
               for p, radix in zip(self.place_values, self.radices)]
     out = []
     for a in range(n):
@@ -240,7 +241,8 @@ _EXACT_SLACK = 1.25
 @functools.lru_cache(maxsize=256)
 def choose_tile_shape(spatial_shape: tuple[int, ...], kernel_size: tuple[int, ...],
                       stride: tuple[int, ...], dilation: tuple[int, ...],
-                      is_causal: tuple[bool, ...], target: int = 128) -> tuple[int, ...]:
+                      is_causal: tuple[bool, ...], target: int = 128,
+                      volume_ok=None) -> tuple[int, ...]:
   """Heuristic tile shape (tokens per axis) for the tiled token order.
 
   Minimises the attention work predicted exactly from the per-axis block counts: each visited
@@ -252,6 +254,9 @@ def choose_tile_shape(spatial_shape: tuple[int, ...], kernel_size: tuple[int, ..
   tile sizes that divide the kernel size, so that aligned blocked configurations are exactly
   block-sparse (no partial blocks). A tile of exactly ``target`` tokens is preferred unless it
   costs over 25% more than the best tile (kernels want block sizes that are multiples of 128).
+  ``volume_ok(tokens)``, if given, restricts the tile volumes to those a kernel accepts as its
+  block size (powers of two on GPU, multiples of 128 on TPU); when no candidate satisfies it, the
+  unrestricted best is returned and the kernel runs with its own block sizes.
   """
   n = len(spatial_shape)
   per_axis = []
@@ -273,6 +278,9 @@ def choose_tile_shape(spatial_shape: tuple[int, ...], kernel_size: tuple[int, ..
     return cost, -volume, max(t for t, _, _ in combo)
 
   combos = [c for c in _product(per_axis) if math.prod(t for t, _, _ in c) <= target]
+  if volume_ok is not None:
+    allowed = [c for c in combos if volume_ok(math.prod(t for t, _, _ in c))]
+    combos = allowed or combos
   best = min(combos, key=cost_key)
   # Kernels want blocks of exactly `target` tokens (a multiple of the TPU lane width): take the
   # best such tile unless it costs much more (padding, a blocked axis that admits none).
