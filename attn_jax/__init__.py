@@ -11,6 +11,7 @@ Public API::
 from attn_jax import block_mask
 from attn_jax import dispatch
 from attn_jax import masks
+from attn_jax import sharding
 from attn_jax.block_mask import BlockMask, make_block_mask
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.xla import XlaConfig
@@ -22,6 +23,7 @@ __all__ = [
     "masks",
     "block_mask",
     "dispatch",
+    "sharding",
     "BlockMask",
     "make_block_mask",
     "XlaConfig",

@@ -129,7 +129,7 @@ class SoftmaxAttention(nnx.Module):
     q, k_raw, v = self._qkv(x)
     q, k = self._rope(q, positions), self._rope(k_raw, positions)
     y = self._attend(q, k, v, self.mask)
-    return y, cache.fill(k_raw if self._rotate_stored() else k, v)
+    return y, cache.fill(k_raw if self._rotate_stored() else k, v).constrained()
 
   def decode(self, x, cache: cache_lib.KVCache, *, position, **unused):
     """One step: ``x [B, 1, C]`` at absolute ``position`` (traced int) -> ``([B, 1, C], cache)``."""
@@ -138,12 +138,12 @@ class SoftmaxAttention(nnx.Module):
     q, k, v = self._qkv(x)
     pos = jnp.full((b, 1), position, jnp.int32)
     if self._rotate_stored():
-      cache = cache.append(k, v, position)
+      cache = cache.append(k, v, position).constrained()
       ranks = cache.in_cache_positions(position)
       keys = self._rope(cache.k, jnp.broadcast_to(ranks, (b, cache.capacity)))
       q = self._rope(q, jnp.minimum(pos, cache.capacity - 1))
     else:
-      cache = cache.append(self._rope(k, pos), v, position)
+      cache = cache.append(self._rope(k, pos), v, position).constrained()
       keys = cache.k
       q = self._rope(q, pos)
     visible = cache.visible(position, self.mask)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax import masks as masks_lib
+from attn_jax import sharding
 
 
 def _register(cls, data, meta):
@@ -121,6 +122,11 @@ class KVCache:
     ctx = masks_lib.MaskContext(1, 1)
     seen = mask.evaluate(jnp.asarray(query_position, jnp.int32), self.positions, None, ctx, jnp)
     return (self.positions >= 0) & (self.positions <= query_position) & seen
+
+  def constrained(self) -> "KVCache":
+    """The cache with keys/values split by batch and KV heads under active sharding rules."""
+    spec = ("batch", None, "act_kv_heads", None)
+    return dataclasses.replace(self, k=sharding.constrain(self.k, spec), v=sharding.constrain(self.v, spec))
 
   def in_cache_positions(self, query_position):
     """StreamingLLM's positions: each slot's rank among the cached positions, ``[S]``.

@@ -29,6 +29,7 @@ class AttentionConfig:
     causal: causal self-attention (decoders) or not (encoders, ViT). For cross attention: the
       causal cross pattern (decoder position ``i`` sees memory positions ``j <= i``).
     rope: number of RoPE axes: 0 (none), 1 (sequence), 2 or 3 (per-axis RoPE on token grids).
+      Read by softmax and neighborhood attention; the linear family and convolutions ignore it.
     rope_theta: RoPE base wavelength.
     implementation: backend of the primitive (``None``: the platform's default).
 

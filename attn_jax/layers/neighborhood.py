@@ -34,9 +34,11 @@ class NeighborhoodAttention(nnx.Module):
     self.config = config
     self.proj = attention.Projections(config, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-  def __call__(self, x, *, positions, grid=None, **unused):
+  def __call__(self, x, *, positions, grid=None, segment_ids=None, **unused):
     """``x [B, T, C]`` on ``grid`` (a shape with ``prod(grid) == T``; default ``(T,)``)."""
     c = self.config
+    if segment_ids is not None:
+      raise ValueError("mechanism 'neighborhood' does not take segment_ids (a grid is one document)")
     b, t = x.shape[:2]
     grid = (t,) if grid is None else tuple(grid)
     if math.prod(grid) != t:

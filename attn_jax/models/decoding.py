@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attn_jax import sharding
+
 
 def _check_sampling(temperature, top_k, top_p):
   if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
@@ -61,9 +63,19 @@ def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int | None = 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "return_logits"))
+                                             "top_k", "top_p", "return_logits", "mesh", "rules"))
 def _generate(graphdef, state, prompt, rng, inputs, *, max_len, max_new_tokens, temperature, top_k,
-              top_p, return_logits):
+              top_p, return_logits, mesh, rules):
+  if mesh is None:
+    return _generate_body(graphdef, state, prompt, rng, inputs, max_len, max_new_tokens, temperature,
+                          top_k, top_p, return_logits)
+  with sharding.use_rules(mesh, rules):
+    return _generate_body(graphdef, state, prompt, rng, inputs, max_len, max_new_tokens, temperature,
+                          top_k, top_p, return_logits)
+
+
+def _generate_body(graphdef, state, prompt, rng, inputs, max_len, max_new_tokens, temperature, top_k,
+                   top_p, return_logits):
   model = nnx.merge(graphdef, state)
   b, t = prompt.shape
   cache = model.init_cache(b, max_len)
@@ -89,7 +101,7 @@ def _generate(graphdef, state, prompt, rng, inputs, *, max_len, max_new_tokens, 
 
 def generate(model, prompt, *, max_new_tokens: int, rng=None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, return_logits: bool = False,
-             return_cache: bool = False, **inputs):
+             return_cache: bool = False, mesh=None, rules=None, **inputs):
   """Generates ``max_new_tokens`` tokens after ``prompt``.
 
   Args:
@@ -101,6 +113,10 @@ def generate(model, prompt, *, max_new_tokens: int, rng=None, temperature: float
       is greedy decoding.
     return_logits: also return the logits that produced each new token, ``[B, N, V]``.
     return_cache: also return the final cache pytree.
+    mesh, rules: shard the generation on a mesh (:func:`attn_jax.sharding.make_mesh`) with
+      logical-axis rules (default :func:`attn_jax.sharding.default_rules`): activations and KV
+      caches split by batch and heads; parameters stay where they are (e.g. as placed by
+      :func:`attn_jax.models.train.init`).
     **inputs: extra prefill inputs (``source=``, ``source_mask=`` for the encoder-decoder).
 
   Returns:
@@ -121,7 +137,8 @@ def generate(model, prompt, *, max_new_tokens: int, rng=None, temperature: float
   tokens, logits, cache = _generate(
       graphdef, state, prompt, rng, inputs, max_len=prompt.shape[1] + max_new_tokens,
       max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-      top_p=None if top_p is None else float(top_p), return_logits=return_logits)
+      top_p=None if top_p is None else float(top_p), return_logits=return_logits, mesh=mesh,
+      rules=(rules or sharding.default_rules()) if mesh is not None else None)
   out = (tokens,)
   if return_logits:
     out += (logits,)

@@ -61,14 +61,17 @@ def init(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
   if mesh is not None and rules is None:
     rules = sharding.default_rules()
   graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
-  abstract_opt = jax.eval_shape(tx.init, abstract)
+
+  def create():
+    params = nnx.split(make_model())[1]
+    return params, tx.init(params)
+
   if mesh is None:
-    params = jax.jit(lambda: nnx.split(make_model())[1])()
-    return TrainSetup(graphdef, params, jax.jit(tx.init)(params), None, None, None, None)
+    params, opt_state = jax.jit(create)()
+    return TrainSetup(graphdef, params, opt_state, None, None, None, None)
   param_sh = partitioning.named_shardings(abstract, mesh, rules)
-  opt_sh = partitioning.named_shardings(abstract_opt, mesh, rules)
-  params = jax.jit(lambda: nnx.split(make_model())[1], out_shardings=param_sh)()
-  opt_state = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh)(params)
+  opt_sh = partitioning.named_shardings(jax.eval_shape(tx.init, abstract), mesh, rules)
+  params, opt_state = jax.jit(create, out_shardings=(param_sh, opt_sh))()
   return TrainSetup(graphdef, params, opt_state, param_sh, opt_sh, mesh, rules)
 
 
@@ -99,27 +102,12 @@ def _example_batch_shardings(example_batch, mesh, rules):
   return batch_shardings(example_batch, mesh, rules)
 
 
-def make_loss_and_grad(setup: TrainSetup, example_batch=None):
-  """Jitted ``(params, batch) -> (loss, grads)`` with the setup's shardings."""
-  graphdef, mesh, rules = setup.graphdef, setup.mesh, setup.rules
-
-  def loss_and_grad(params, batch):
-    with _rules_ctx(mesh, rules):
-      return jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(batch))(params)
-
-  if mesh is None:
-    return jax.jit(loss_and_grad)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sh = _example_batch_shardings(example_batch, mesh, rules)
-  return jax.jit(loss_and_grad, in_shardings=(setup.param_shardings, batch_sh),
-                 out_shardings=(replicated, setup.param_shardings))
-
-
 def make_train_step(setup: TrainSetup, tx: optax.GradientTransformation, example_batch=None, *,
-                    donate: bool = False):
-  """Jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``.
+                    donate: bool = False, return_grads: bool = False):
+  """Jitted ``(params, opt_state, batch) -> (params, opt_state, loss[, grads])``.
 
-  With ``donate=True`` the old parameters and optimizer state are donated (updated in place).
+  With ``donate=True`` the old parameters and optimizer state are donated (updated in place);
+  ``return_grads=True`` also returns the gradients (sharded like the parameters).
   """
   graphdef, mesh, rules = setup.graphdef, setup.mesh, setup.rules
 
@@ -127,13 +115,16 @@ def make_train_step(setup: TrainSetup, tx: optax.GradientTransformation, example
     with _rules_ctx(mesh, rules):
       loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(batch))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    out = (optax.apply_updates(params, updates), opt_state, loss)
+    return out + (grads,) if return_grads else out
 
   donate_argnums = (0, 1) if donate else ()
   if mesh is None:
     return jax.jit(step, donate_argnums=donate_argnums)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sh = _example_batch_shardings(example_batch, mesh, rules)
+  out_sh = (setup.param_shardings, setup.opt_shardings, replicated)
+  if return_grads:
+    out_sh += (setup.param_shardings,)
   return jax.jit(step, in_shardings=(setup.param_shardings, setup.opt_shardings, batch_sh),
-                 out_shardings=(setup.param_shardings, setup.opt_shardings, replicated),
-                 donate_argnums=donate_argnums)
+                 out_shardings=out_sh, donate_argnums=donate_argnums)

@@ -90,6 +90,8 @@ class ViT(nnx.Module):
     for c in layer_configs:
       if c.causal:
         raise ValueError(f"ViT mixers must be non-causal (causal=False), got {c}")
+      if c.rope not in (0, 2):
+        raise ValueError(f"ViT mixers take 2D RoPE (rope=2) or none (rope=0), got rope={c.rope}")
     self.patch_embed = nn.Dense(p * p * config.channels, config.dim, in_axes=(None,),
                                 out_axes=("embed",), **kw)
     if all(c.rope == 0 for c in layer_configs):
