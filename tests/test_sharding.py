@@ -72,9 +72,9 @@ def _assert_trees_close(actual, expected, name, factor=1.0):
 DATA_FSDP_TENSOR = dict(data=2, fsdp=2, tensor=2)
 
 
-@pytest.mark.parametrize("kind,mesh_shape", [(k, DATA_FSDP_TENSOR) for k in sorted(MODELS)]
-                         + [("lm", dict(fsdp=2, sequence=2, tensor=2))],
-                         ids=[f"{k}-data_fsdp_tensor" for k in sorted(MODELS)] + ["lm-fsdp_sequence_tensor"])
+@pytest.mark.parametrize("kind,mesh_shape", [(k, DATA_FSDP_TENSOR) for k in sorted(MODELS)] + [
+    pytest.param("lm", dict(fsdp=2, sequence=2, tensor=2), marks=pytest.mark.slow)],
+    ids=[f"{k}-data_fsdp_tensor" for k in sorted(MODELS)] + ["lm-fsdp_sequence_tensor"])
 def test_sharded_step_equals_unsharded(kind, mesh_shape):
   cfg, batch, loss0, grads0, params0 = _unsharded(kind)
   cls = MODELS[kind][1]

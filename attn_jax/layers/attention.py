@@ -32,6 +32,22 @@ def _uses_shard_map(config: config_lib.AttentionConfig) -> bool:
   return (config.implementation or "").startswith("pallas")
 
 
+def _softmax_attention(config, q, k, v, mask, sinks, q_segment_ids, kv_segment_ids):
+  """``attn_jax.attention`` with the config's options, inside shard_map when the config asks."""
+
+  def fn(q, k, v, sinks, q_seg, kv_seg):
+    return attn_jax.attention(q, k, v, mask=mask, sinks=sinks, logits_soft_cap=config.logits_soft_cap,
+                              q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                              implementation=config.implementation)
+
+  if _uses_shard_map(config):
+    out = sharding.shard_map_attention(fn, q, k, v, sinks=sinks, q_segment_ids=q_segment_ids,
+                                       kv_segment_ids=kv_segment_ids)
+  else:
+    out = fn(q, k, v, sinks, q_segment_ids, kv_segment_ids)
+  return sharding.constrain(out, _Q)
+
+
 class Projections(nnx.Module):
   """Q, K, V and output projections for ``num_heads`` query and ``kv_heads`` key/value heads."""
 
@@ -65,8 +81,12 @@ class SoftmaxAttention(nnx.Module):
       self.sinks = None
 
   def _rope(self, x, positions):
-    if self.config.rope == 0:
+    n = self.config.rope
+    if n == 0:
       return x
+    axes = 1 if positions.ndim == 2 else positions.shape[-1]
+    if axes != n:
+      raise ValueError(f"rope={n} needs positions with {n} coordinate(s) per token, got shape {positions.shape}")
     return rope_lib.apply_rope(x, positions, theta=self.config.rope_theta)
 
   def _qkv(self, x):
@@ -76,20 +96,9 @@ class SoftmaxAttention(nnx.Module):
     return q, k, v
 
   def _attend(self, q, k, v, mask, q_segment_ids=None, kv_segment_ids=None):
-    c = self.config
     sinks = None if self.sinks is None else self.sinks[...]
-
-    def fn(q, k, v, sinks, q_seg, kv_seg):
-      return attn_jax.attention(q, k, v, mask=mask, sinks=sinks, logits_soft_cap=c.logits_soft_cap,
-                                q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                                implementation=c.implementation)
-
-    if _uses_shard_map(c):
-      out = sharding.shard_map_attention(fn, q, k, v, sinks=sinks, q_segment_ids=q_segment_ids,
-                                         kv_segment_ids=kv_segment_ids)
-    else:
-      out = fn(q, k, v, sinks, q_segment_ids, kv_segment_ids)
-    return self.proj.o_proj(sharding.constrain(out, _Q))
+    out = _softmax_attention(self.config, q, k, v, mask, sinks, q_segment_ids, kv_segment_ids)
+    return self.proj.o_proj(out)
 
   def __call__(self, x, *, positions, segment_ids=None, **unused):
     """``x [B, T, C]``, ``positions [B, T]`` (or ``[B, T, n]`` for n-D RoPE) -> ``[B, T, C]``.
@@ -183,20 +192,8 @@ class CrossAttention(nnx.Module):
     return k, v
 
   def _attend(self, q, k, v, mask, q_seg=None, kv_seg=None):
-    c = self.config
     sinks = None if self.sinks is None else self.sinks[...]
-
-    def fn(q, k, v, sinks, q_seg, kv_seg):
-      return attn_jax.attention(q, k, v, mask=mask, sinks=sinks, logits_soft_cap=c.logits_soft_cap,
-                                q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                                implementation=c.implementation)
-
-    if _uses_shard_map(c):
-      out = sharding.shard_map_attention(fn, q, k, v, sinks=sinks, q_segment_ids=q_seg,
-                                         kv_segment_ids=kv_seg)
-    else:
-      out = fn(q, k, v, sinks, q_seg, kv_seg)
-    return self.proj.o_proj(sharding.constrain(out, _Q))
+    return self.proj.o_proj(_softmax_attention(self.config, q, k, v, mask, sinks, q_seg, kv_seg))
 
   def __call__(self, x, memory, *, memory_mask=None):
     """``x [B, T, C]``, ``memory [B, M, Cm]`` -> ``[B, T, C]``.

@@ -17,6 +17,8 @@ A :class:`Mechanism` entry says, for one value of ``AttentionConfig.mechanism``:
 * ``check(config, platform)``: raises :class:`UnsupportedConfigError` when the config cannot
   run on ``platform`` ("cpu", "gpu", "tpu"), before any parameter is created or anything traced.
 * ``cache``: a description of the decoding cache, for documentation and error messages.
+* ``family``: the :mod:`attn_jax.dispatch` family whose backends ``implementation=`` names;
+  ``uses_rope``: whether the layer applies ``config.rope``.
 
 Register a new mechanism with :func:`register`; models pick it up through the config alone.
 """
@@ -50,6 +52,7 @@ class Mechanism:
   cache: str
   requires: tuple[str, ...] = ()
   family: str | None = None
+  uses_rope: bool = False
 
 
 _REGISTRY: dict[str, Mechanism] = {}
@@ -93,7 +96,7 @@ def build(config: config_lib.AttentionConfig, dim: int, *, rngs, dtype=None, par
   if hd < 1:
     raise UnsupportedConfigError(
         f"head_dim must be >= 1: dim {dim} // num_heads {config.num_heads} = {hd}; set head_dim")
-  if config.rope and hd % (2 * config.rope):
+  if mech.uses_rope and config.rope and hd % (2 * config.rope):
     raise UnsupportedConfigError(
         f"head_dim ({hd}) must be divisible by 2 * rope = {2 * config.rope} for {config.rope}-D RoPE")
   return mech.layer(config, dim, rngs=rngs, dtype=dtype or jnp.float32,
@@ -199,10 +202,11 @@ def _check_short_conv(c, platform):
 
 register(Mechanism(
     name="softmax", layer=attention.SoftmaxAttention, check=_check_softmax, family="softmax",
+    uses_rope=True,
     cache="KVCache: keys/values of every position, or num_sink_tokens + window slots (rolling)"))
 register(Mechanism(
     name="neighborhood", layer=neighborhood.NeighborhoodAttention, check=_check_neighborhood,
-    requires=(neighborhood.PRIMITIVE,), family="neighborhood",
+    requires=(neighborhood.PRIMITIVE,), family="neighborhood", uses_rope=True,
     cache="none (non-causal grids; causal 1D local attention decodes as softmax with a window)"))
 register(Mechanism(
     name="linear", layer=linear.LinearAttention, check=_check_linear,

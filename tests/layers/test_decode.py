@@ -83,12 +83,15 @@ def test_rolling_cache_is_the_window_sink_mask_and_bounded():
 
   # Independent oracle: the layer's projections and RoPE, then the reference backend with the
   # explicit window + sink mask over the whole sequence.
-  positions = jnp.broadcast_to(jnp.arange(t), (BATCH, t))
-  q, k, v = layer._qkv(x)
-  q, k = layer._rope(q, positions), layer._rope(k, positions)
-  mask = (masks.sliding_window(w - 1) | masks.sink_tokens(n)) & masks.causal()
-  o = attn_jax.attention(q, k, v, mask=mask, implementation="reference")
-  tolerances.assert_close(decoded, layer.proj.o_proj(o), jnp.float32, "rolling vs masked")
+  @jax.jit
+  def oracle(x):
+    positions = jnp.broadcast_to(jnp.arange(t), (BATCH, t))
+    q, k, v = layer._qkv(x)
+    q, k = layer._rope(q, positions), layer._rope(k, positions)
+    mask = (masks.sliding_window(w - 1) | masks.sink_tokens(n)) & masks.causal()
+    return layer.proj.o_proj(attn_jax.attention(q, k, v, mask=mask, implementation="reference"))
+
+  tolerances.assert_close(decoded, oracle(x), jnp.float32, "rolling vs masked")
 
 
 def test_rolling_cache_fill_keeps_sinks_and_last_window():

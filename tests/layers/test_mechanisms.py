@@ -119,20 +119,20 @@ def fake_linear_attention(q, k, v, *, decay=None, feature_map="identity", normal
   return (o, state) if return_final_state else o
 
 
-@pytest.mark.parametrize("decay", ["data", "fixed"])
-def test_linear_hybrid_lm_decode_equals_full(monkeypatch, decay):
+def test_linear_hybrid_lm_decode_equals_full(monkeypatch):
   monkeypatch.setattr(attn_jax, "linear_attention", fake_linear_attention, raising=False)
   monkeypatch.setattr(attn_jax, "linear_attention_step", fake_linear_step, raising=False)
-  lin = layers.AttentionConfig(mechanism="linear", num_heads=4, num_kv_heads=2, decay=decay,
-                               feature_map="elu1", rope=0)
-  cfg = models.lm.tiny(num_layers=2, schedule=(lin, layers.AttentionConfig(num_heads=4)))
+  lin = layers.AttentionConfig(mechanism="linear", num_heads=4, num_kv_heads=2, decay="data",
+                               feature_map="elu1")
+  fixed = lin.replace(decay="fixed", normalize=False, feature_map="identity", output_norm=False)
+  cfg = models.lm.tiny(num_layers=3, schedule=(lin, fixed, layers.AttentionConfig(num_heads=4)))
   model = models.DecoderLM(cfg, rngs=nnx.Rngs(0))
   prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 4), 0, cfg.vocab_size)
   tokens, logits, cache = models.generate(model, prompt, max_new_tokens=5, return_logits=True,
                                           return_cache=True)
   full = jax.jit(lambda t: model(t))(jnp.concatenate([prompt, tokens[:, :-1]], axis=1))
   tolerances.assert_close(logits, full[:, 3:], jnp.float32, "linear hybrid")
-  assert isinstance(cache[0], layers.RecurrentCache)
+  assert isinstance(cache[0], layers.RecurrentCache) and isinstance(cache[1], layers.RecurrentCache)
   assert cache[0].state[0].shape == (2, 4, 8, 8)
 
 

@@ -10,6 +10,7 @@ from attn_jax import layers
 from attn_jax.layers import rope
 
 
+@jax.jit
 def _dots(q, k, qpos, kpos):
   qr = rope.apply_rope(q, qpos)
   kr = rope.apply_rope(k, kpos)
@@ -34,12 +35,13 @@ def test_rope_2d_rotates_each_half_by_its_axis():
   grid = rope.grid_positions((2, 3))[None]  # [1, 6, 2]
   assert grid.shape == (1, 6, 2)
   np.testing.assert_array_equal(grid[0, 4], [1, 1])
-  out = rope.apply_rope(x, grid)
-  np.testing.assert_allclose(out[..., :4], rope.apply_rope(x[..., :4], grid[..., 0]), atol=1e-6)
-  np.testing.assert_allclose(out[..., 4:], rope.apply_rope(x[..., 4:], grid[..., 1]), atol=1e-6)
+  rot = jax.jit(rope.apply_rope)
+  out = rot(x, grid)
+  np.testing.assert_allclose(out[..., :4], rot(x[..., :4], grid[..., 0]), atol=1e-6)
+  np.testing.assert_allclose(out[..., 4:], rot(x[..., 4:], grid[..., 1]), atol=1e-6)
   # Shifting the whole grid leaves query-key products unchanged (relative along each axis).
   a = jnp.einsum("bqhd,bkhd->bhqk", out, out)
-  shifted = rope.apply_rope(x, grid + jnp.array([7, 3]))
+  shifted = rot(x, grid + jnp.array([7, 3]))
   np.testing.assert_allclose(a, jnp.einsum("bqhd,bkhd->bhqk", shifted, shifted), atol=1e-4)
 
 
@@ -56,13 +58,13 @@ def test_rope_bad_input():
 def test_rmsnorm_and_swiglu():
   norm = layers.RMSNorm(8, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 8)).astype(jnp.bfloat16)
-  y = norm(x)
+  y = jax.jit(lambda x: norm(x))(x)
   assert y.dtype == jnp.bfloat16
   np.testing.assert_allclose(jnp.sqrt(jnp.mean(y.astype(jnp.float32) ** 2, -1)), 1.0, rtol=1e-2)
   mlp = layers.SwiGLU(8, 16, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
   expected = (jax.nn.silu(x @ mlp.gate.kernel[...]) * (x @ mlp.up.kernel[...])) @ mlp.down.kernel[...]
-  np.testing.assert_allclose(mlp(x), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(lambda x: mlp(x))(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_schedule_cycles_and_checks():
