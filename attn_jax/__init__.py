@@ -12,6 +12,7 @@ from attn_jax import block_mask
 from attn_jax import dispatch
 from attn_jax import masks
 from attn_jax import neighborhood
+from attn_jax import sharding
 from attn_jax.block_mask import BlockMask, make_block_mask
 from attn_jax.neighborhood.api import NeighborhoodConfig, neighborhood_attention
 from attn_jax.neighborhood.mask import NeighborhoodMask
@@ -26,6 +27,7 @@ __all__ = [
     "masks",
     "block_mask",
     "dispatch",
+    "sharding",
     "BlockMask",
     "make_block_mask",
     "XlaConfig",
