@@ -188,3 +188,25 @@ def test_neighborhood_vit_wiring(monkeypatch):
   assert CALLS[0] == dict(shape=(2, 4, 4, 4, 8), kernel_size=(4, 4), stride=1, dilation=1, is_causal=False)
   small = models.ViT(dense.replace(schedule=na.schedule.replace(kernel_size=3)), rngs=nnx.Rngs(0))
   assert not np.allclose(jax.jit(lambda x: small(x))(images), dense_out, atol=1e-4)
+
+
+def test_neighborhood_vit_on_the_real_primitive():
+  """The ViT with the real attn_jax.neighborhood_attention: a window covering the whole grid is
+  dense attention, and a 3x3 window equals the stand-in's dense NATTEN mask."""
+  assert attn_jax.neighborhood_attention is not fake_neighborhood_attention
+  dense = models.vit.tiny()
+  na = dense.replace(schedule=dense.schedule.replace(mechanism="neighborhood", kernel_size=(4, 4)))
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  vit_dense = models.ViT(dense, rngs=nnx.Rngs(0))
+  vit_na = models.ViT(na, rngs=nnx.Rngs(0))
+  tolerances.assert_close(jax.jit(lambda x: vit_na(x))(images), jax.jit(lambda x: vit_dense(x))(images),
+                          jnp.float32, "full-window NA == dense")
+  small = na.replace(schedule=na.schedule.replace(kernel_size=(3, 3)))
+  real = models.ViT(small, rngs=nnx.Rngs(0))
+  real_out = jax.jit(lambda x: real(x))(images)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(attn_jax, "neighborhood_attention", fake_neighborhood_attention)
+    fake_out = jax.jit(lambda x: real(x))(images)
+  tolerances.assert_close(real_out, fake_out, jnp.float32, "3x3 NA == dense NATTEN mask")
+  grads = jax.grad(lambda m: m(images).sum())(real)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(nnx.state(grads)))
