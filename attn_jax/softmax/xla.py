@@ -36,15 +36,17 @@ class XlaConfig:
   Attributes:
     block_q, block_kv: tile sizes. ``None`` picks ``min(512, length rounded up to 8)``. Memory
       grows with ``batch * heads * block_q * block_kv``; fewer, larger tiles run faster.
-    record_visits: debugging aid. A function ``f(q_block, kv_block, evaluated_mask)`` called from
-      the forward loop (through ``jax.debug.callback``) for every tile visited, with
-      ``evaluated_mask`` True when the predicate was evaluated on it. Tests use it to check that
-      exactly the BlockMask's non-empty tiles are visited.
+    record_visits: debugging aid, with the signature of the Pallas configs' hook:
+      ``f(phase, batch, head, q_block, kv_block, evaluated_mask)`` is called (through
+      ``jax.debug.callback``) for every tile the forward (``phase="fwd"``) and backward
+      (``"bwd"``) loops visit, with ``evaluated_mask`` True when the predicate was evaluated on
+      it. A tile of this backend spans every batch row and head, so ``batch = head = -1``. Tests
+      use it to check that exactly the BlockMask's non-empty tiles are visited.
   """
 
   block_q: int | None = None
   block_kv: int | None = None
-  record_visits: Callable[[int, int, bool], None] | None = None
+  record_visits: Callable[..., None] | None = None
 
   backend: ClassVar[str] = "xla"
 
@@ -68,7 +70,7 @@ class _Static:
   spec: common.Spec
   block_q: int
   block_kv: int
-  record_visits: Callable[[int, int, bool], None] | None
+  record_visits: Callable[..., None] | None
 
   @property
   def block_mask(self) -> block_mask_lib.BlockMask:
@@ -136,7 +138,7 @@ def _head_index(st: _Static):
   return h[:, :, None, None]  # [Hkv, G, 1, 1]
 
 
-def _tile_visibility(st: _Static, bm, kind, i, j, q_seg_tile, kv_seg_tile):
+def _tile_visibility(st: _Static, bm, kind, i, j, q_seg_tile, kv_seg_tile, phase):
   """Boolean visibility of tile (i, j), broadcastable to ``[B, Hkv, G, bq, bk]``.
 
   The predicate is evaluated only when the tile is PARTIAL; the choice is static when every
@@ -151,12 +153,12 @@ def _tile_visibility(st: _Static, bm, kind, i, j, q_seg_tile, kv_seg_tile):
     q_idx = i * bq + jnp.arange(bq)[:, None]
     kv_idx = j * bk + jnp.arange(bk)[None, :]
     if st.record_visits is not None:
-      jax.debug.callback(st.record_visits, i, j, True)
+      jax.debug.callback(st.record_visits, phase, -1, -1, i, j, True)
     return jnp.broadcast_to(common.tile_visibility(s, q_idx, kv_idx, head), shape)
 
   def skip():
     if st.record_visits is not None:
-      jax.debug.callback(st.record_visits, i, j, False)
+      jax.debug.callback(st.record_visits, phase, -1, -1, i, j, False)
     return jnp.ones(shape, bool)
 
   if bm.num_partial == 0:
@@ -217,7 +219,7 @@ def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg):
       vb = lax.dynamic_slice_in_dim(vi, j * bk, bk, axis=2)
       kv_seg_tile = lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1) if s.has_segments else None
       logits, _ = _scores(qb, kb, st)
-      visible = _tile_visibility(st, bm, kv_kinds[i, t], i, j, q_seg_tile, kv_seg_tile)
+      visible = _tile_visibility(st, bm, kv_kinds[i, t], i, j, q_seg_tile, kv_seg_tile, "fwd")
       m_new = jnp.maximum(m, jnp.max(jnp.where(visible, logits, common.NEG_INF), axis=-1))
       alpha = jnp.exp(m - m_new)
       p = jnp.where(visible, jnp.exp(logits - m_new[..., None]), 0.0)
@@ -293,7 +295,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
       delta_b = lax.dynamic_slice_in_dim(delta_i, i * bq, bq, axis=3)
       q_seg_tile = lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1) if s.has_segments else None
       logits, th = _scores(qb, kb, st)
-      visible = _tile_visibility(st, bm, q_kinds[j, t], i, j, q_seg_tile, kv_seg_tile)
+      visible = _tile_visibility(st, bm, q_kinds[j, t], i, j, q_seg_tile, kv_seg_tile, "bwd")
       p = jnp.where(visible, jnp.exp(logits - lse_b[..., None]), 0.0)
       dv = dv + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(d_out.dtype), dob,
                            preferred_element_type=jnp.float32)

@@ -121,16 +121,23 @@ def test_mask_is_static_and_cached_under_jit():
 @pytest.mark.parametrize("mask", [masks.causal(), masks.sliding_window(7) | masks.sink_tokens(3),
                                   masks.chunked_causal(20), masks.full()], ids=repr)
 def test_xla_visits_exactly_the_nonempty_blocks(mask):
-  visits = []
-  config = attn_jax.XlaConfig(block_q=8, block_kv=8,
-                              record_visits=lambda i, j, evaluated: visits.append((int(i), int(j), bool(evaluated))))
+  visits = collections.Counter()
+
+  def record(phase, b, h, i, j, evaluated):
+    visits[(phase, int(b), int(h), int(i), int(j), bool(evaluated))] += 1
+
+  config = attn_jax.XlaConfig(block_q=8, block_kv=8, record_visits=record)
   q, k, v, *_ = helpers.make_inputs(5, 1, 61, 61, 2, 2, 8, 8, jnp.float32)
-  jax.block_until_ready(attn_jax.attention(q, k, v, mask=mask, config=config))
+  grads = jax.grad(lambda q, k, v: attn_jax.attention(q, k, v, mask=mask, config=config).sum(),
+                   argnums=(0, 1, 2))(q, k, v)
+  jax.block_until_ready(grads)
   bm = bm_lib.make_block_mask(mask, 61, 61, 8, 8)
-  assert len(visits) == bm.num_nonempty, "a tile was visited twice or skipped"
-  assert {(i, j) for i, j, _ in visits} == bm.nonempty_pairs()
   partial = {(int(i), int(j)) for i, j in np.argwhere(bm.kinds[0] == bm_lib.PARTIAL)}
-  assert {(i, j) for i, j, e in visits if e} == partial
+  expected = {(-1, -1, i, j, (i, j) in partial) for i, j in bm.nonempty_pairs()}
+  for phase in ("fwd", "bwd"):
+    got = {key[1:]: n for key, n in visits.items() if key[0] == phase}
+    assert set(got) == expected, phase
+    assert set(got.values()) == {1}, f"{phase}: a tile was visited more than once"
   assert bm.num_nonempty < bm.kinds.size or mask == masks.full()
 
 
