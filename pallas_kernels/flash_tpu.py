@@ -52,6 +52,27 @@ def _logits(a, b, scale, soft_cap):
   return soft_cap * th, th
 
 
+def _visibility(mask: fc.MaskSpec, masked: bool, tile_ref, q_start, kv_start, shape, head, seg,
+                transposed: bool = False):
+  """Boolean visibility of a tile, or None when every pair is visible.
+
+  The predicate (or the precomputed tile) applies only to PARTIAL tiles (``masked``); segment
+  ids apply to every tile. ``transposed`` tiles have keys in rows and queries in columns.
+  """
+  vis = None
+  if masked:
+    if mask.use_tiles:
+      vis = tile_ref[...] != 0
+    else:
+      q_axis, kv_axis = (1, 0) if transposed else (0, 1)
+      q_idx = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+      kv_idx = kv_start + lax.broadcasted_iota(jnp.int32, shape, kv_axis)
+      vis = jnp.broadcast_to(mask.predicate(q_idx, kv_idx, head), shape)
+  if seg is not None:
+    vis = seg if vis is None else vis & seg
+  return vis
+
+
 def _branches(mask: fc.MaskSpec, kind, fn):
   """Runs ``fn(masked)`` for the tile kinds that can occur, selecting on ``kind`` at run time."""
   if mask.has_partial and mask.has_full:
@@ -100,16 +121,7 @@ def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
       _record(record, "fwd", b, h, i, j, jnp.int32(fc.PARTIAL if masked else fc.FULL))
       s, _ = _logits(q_ref[...], k_ref[...], scale, soft_cap)
       seg = (qseg_ref[...] == kvseg_ref[...]) if has_segments else None
-      vis = None
-      if masked:
-        if mask.use_tiles:
-          vis = tile_ref[...] != 0
-        else:
-          q_idx = i * block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
-          kv_idx = j * block_kv + lax.broadcasted_iota(jnp.int32, shape, 1)
-          vis = jnp.broadcast_to(mask.predicate(q_idx, kv_idx, off_ref[0] + h), shape)
-      if seg is not None:
-        vis = seg if vis is None else vis & seg
+      vis = _visibility(mask, masked, tile_ref, i * block_q, j * block_kv, shape, off_ref[0] + h, seg)
       m_prev = m_ref[...]
       if vis is None:
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
@@ -233,17 +245,8 @@ def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: f
     def update(masked):
       _record(record, "dq", b, h, i, j, jnp.int32(fc.PARTIAL if masked else fc.FULL))
       s, th = _logits(q_ref[...], k_ref[...], scale, soft_cap)
-      vis = None
-      if masked:
-        if mask.use_tiles:
-          vis = tile_ref[...] != 0
-        else:
-          q_idx = i * block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
-          kv_idx = j * block_kv + lax.broadcasted_iota(jnp.int32, shape, 1)
-          vis = jnp.broadcast_to(mask.predicate(q_idx, kv_idx, off_ref[0] + h), shape)
-      if has_segments:
-        seg = qseg_ref[...] == kvseg_ref[...]
-        vis = seg if vis is None else vis & seg
+      seg = (qseg_ref[...] == kvseg_ref[...]) if has_segments else None
+      vis = _visibility(mask, masked, tile_ref, i * block_q, j * block_kv, shape, off_ref[0] + h, seg)
       p = jnp.exp(s - lse_ref[...])
       if vis is not None:
         p = jnp.where(vis, p, 0.0)
@@ -291,17 +294,9 @@ def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
       _record(record, "dkv", b, h, i, j, jnp.int32(fc.PARTIAL if masked else fc.FULL))
       # Transposed tile: keys in rows, queries in columns.
       s, th = _logits(k_ref[...], q_ref[...], scale, soft_cap)
-      vis = None
-      if masked:
-        if mask.use_tiles:
-          vis = tile_ref[...] != 0
-        else:
-          kv_idx = j * block_kv + lax.broadcasted_iota(jnp.int32, shape, 0)
-          q_idx = i * block_q + lax.broadcasted_iota(jnp.int32, shape, 1)
-          vis = jnp.broadcast_to(mask.predicate(q_idx, kv_idx, off_ref[0] + h), shape)
-      if has_segments:
-        seg = kvseg_ref[...] == qseg_ref[...]
-        vis = seg if vis is None else vis & seg
+      seg = (kvseg_ref[...] == qseg_ref[...]) if has_segments else None
+      vis = _visibility(mask, masked, tile_ref, i * block_q, j * block_kv, shape, off_ref[0] + h, seg,
+                        transposed=True)
       p = jnp.exp(s - lse_ref[...])
       if vis is not None:
         p = jnp.where(vis, p, 0.0)
