@@ -161,7 +161,7 @@ def _check_offset(offset):
 
 
 @dataclasses.dataclass(frozen=True)
-class And(Mask):
+class _Binary(Mask):
   a: Mask
   b: Mask
 
@@ -173,46 +173,39 @@ class And(Mask):
   def in_kernel(self):
     return self.a.in_kernel and self.b.in_kernel
 
-  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
-    return self.a.evaluate(q_idx, kv_idx, head, ctx, xp) & self.b.evaluate(q_idx, kv_idx, head, ctx, xp)
-
-  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
-    any_a, all_a = self.a.block_bounds(q_lo, q_hi, k_lo, k_hi, ctx)
-    any_b, all_b = self.b.block_bounds(q_lo, q_hi, k_lo, k_hi, ctx)
-    return any_a & any_b, all_a & all_b
-
   def validate(self, ctx):
     self.a.validate(ctx)
     self.b.validate(ctx)
+
+  def _both(self, method, *args):
+    return getattr(self.a, method)(*args), getattr(self.b, method)(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class And(_Binary):
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    a, b = self._both("evaluate", q_idx, kv_idx, head, ctx, xp)
+    return a & b
+
+  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    (any_a, all_a), (any_b, all_b) = self._both("block_bounds", q_lo, q_hi, k_lo, k_hi, ctx)
+    return any_a & any_b, all_a & all_b
 
   def __repr__(self):
     return f"({self.a!r} & {self.b!r})"
 
 
 @dataclasses.dataclass(frozen=True)
-class Or(Mask):
-  a: Mask
-  b: Mask
-
-  @property
-  def depends_on_head(self):
-    return self.a.depends_on_head or self.b.depends_on_head
-
-  @property
-  def in_kernel(self):
-    return self.a.in_kernel and self.b.in_kernel
+class Or(_Binary):
 
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
-    return self.a.evaluate(q_idx, kv_idx, head, ctx, xp) | self.b.evaluate(q_idx, kv_idx, head, ctx, xp)
+    a, b = self._both("evaluate", q_idx, kv_idx, head, ctx, xp)
+    return a | b
 
   def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
-    any_a, all_a = self.a.block_bounds(q_lo, q_hi, k_lo, k_hi, ctx)
-    any_b, all_b = self.b.block_bounds(q_lo, q_hi, k_lo, k_hi, ctx)
+    (any_a, all_a), (any_b, all_b) = self._both("block_bounds", q_lo, q_hi, k_lo, k_hi, ctx)
     return any_a | any_b, all_a | all_b
-
-  def validate(self, ctx):
-    self.a.validate(ctx)
-    self.b.validate(ctx)
 
   def __repr__(self):
     return f"({self.a!r} | {self.b!r})"
