@@ -12,6 +12,9 @@ from attn_jax import block_mask
 from attn_jax import dispatch
 from attn_jax import masks
 from attn_jax.block_mask import BlockMask, make_block_mask
+from attn_jax.linear import feature_maps as linear_feature_maps
+from attn_jax.linear.api import linear_attention, linear_attention_step
+from attn_jax.linear.xla import XlaConfig as LinearXlaConfig
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.xla import XlaConfig
 
@@ -25,4 +28,8 @@ __all__ = [
     "BlockMask",
     "make_block_mask",
     "XlaConfig",
+    "linear_attention",
+    "linear_attention_step",
+    "linear_feature_maps",
+    "LinearXlaConfig",
 ]
