@@ -14,6 +14,8 @@ from attn_jax import masks
 from attn_jax.block_mask import BlockMask, make_block_mask
 from attn_jax.linear import feature_maps as linear_feature_maps
 from attn_jax.linear.api import linear_attention, linear_attention_step
+from attn_jax.linear.pallas import PallasGpuConfig as LinearPallasGpuConfig
+from attn_jax.linear.pallas import PallasTpuConfig as LinearPallasTpuConfig
 from attn_jax.linear.xla import XlaConfig as LinearXlaConfig
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.xla import XlaConfig
@@ -32,4 +34,6 @@ __all__ = [
     "linear_attention_step",
     "linear_feature_maps",
     "LinearXlaConfig",
+    "LinearPallasTpuConfig",
+    "LinearPallasGpuConfig",
 ]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from attn_jax import dispatch
 from attn_jax.linear import common
 from attn_jax.linear import feature_maps
+from attn_jax.linear import pallas
 from attn_jax.linear import reference
 from attn_jax.linear import xla
 
@@ -19,6 +20,8 @@ FAMILY = "linear"
 
 dispatch.register(FAMILY, "reference", reference.linear_attention)
 dispatch.register(FAMILY, "xla", xla.linear_attention)
+dispatch.register(FAMILY, "pallas_tpu", pallas.linear_attention_tpu)
+dispatch.register(FAMILY, "pallas_gpu", pallas.linear_attention_gpu)
 
 # Added to the normaliser phi(q)^T z before dividing, so that a query whose features are all zero
 # (relu features, an empty state) returns 0 rather than 0 / 0.
