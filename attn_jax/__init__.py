@@ -11,6 +11,7 @@ Public API::
 from attn_jax import block_mask
 from attn_jax import dispatch
 from attn_jax import masks
+from attn_jax import mechanisms
 from attn_jax.block_mask import BlockMask, make_block_mask
 from attn_jax.linear import feature_maps as linear_feature_maps
 from attn_jax.linear.api import linear_attention, linear_attention_step
@@ -30,6 +31,7 @@ __all__ = [
     "BlockMask",
     "make_block_mask",
     "XlaConfig",
+    "mechanisms",
     "linear_attention",
     "linear_attention_step",
     "linear_feature_maps",
