@@ -55,7 +55,7 @@ def main(argv):
                            kv_heads=_KV_HEADS.value or _HEADS.value, head_dim=_HEAD_DIM.value,
                            dtype=_DTYPE.value)
   tasks = [(by_name[m], p, int(n), mode) for p in _PATTERNS.value for mode in _MODES.value
-           for m in _MECHANISMS.value for n in _SEQ_LENS.value]
+           for m in _MECHANISMS.value for n in _SEQ_LENS.value if by_name[m].supports(p)]
   records = []
   with tqdm.tqdm(tasks, desc="efficiency", unit="case") as bar:
     for mech, pattern, n, mode in bar:
