@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from attn_jax import dispatch
 from attn_jax.linear import common
@@ -55,10 +57,14 @@ class PallasTpuConfig:
     chunk_size: tokens per chunk, a multiple of 8 (``None``: 128, or the sequence rounded up to
       8 when shorter). A ``chunk_size=`` given to the call takes precedence.
     interpret: run in Pallas interpret mode; ``None`` means "unless running on a TPU".
+    sharding: a NamedSharding of ``q`` (``[B, T, H, D]``); the kernels then run under
+      ``shard_map`` over the mesh axes of the batch and head dimensions (sequence and feature
+      dims unsharded; the state heads must divide among the head shards).
   """
 
   chunk_size: int | None = None
   interpret: bool | None = None
+  sharding: NamedSharding | None = None
 
   backend: ClassVar[str] = "pallas_tpu"
 
@@ -77,12 +83,14 @@ class PallasGpuConfig:
     num_warps, num_stages: Triton launch parameters (``None``: 4 warps for feature dims <= 64,
       else 8; 1 stage).
     interpret: run in Pallas interpret mode; ``None`` means "unless running on a GPU".
+    sharding: as in :class:`PallasTpuConfig`.
   """
 
   chunk_size: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
   interpret: bool | None = None
+  sharding: NamedSharding | None = None
 
   backend: ClassVar[str] = "pallas_gpu"
 
@@ -134,6 +142,8 @@ def _backend(platform: str):
       chunk = chunk or min(64, max(16, _next_pow2(spec.seq_len)))
       static = _Static(platform, spec, chunk, _next_pow2(max(16, spec.key_dim)),
                        _next_pow2(max(16, spec.value_dim)), interpret, config.num_warps, config.num_stages)
+    if config.sharding is not None:
+      return _sharded(static, config.sharding, q, k, v, log_decay, initial_state, segment_ids)
     return _linear(static, q, k, v, log_decay, initial_state, segment_ids)
 
   return linear_attention
@@ -269,3 +279,55 @@ def _decay_gradient(st: _Static, q, k, dq, dk, state, d_state, segment_ids):
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _mesh_axes(entry):
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _sharded(st: _Static, sharding, q, k, v, log_decay, s0, segment_ids):
+  """Runs the kernels under ``shard_map`` over the batch and head mesh axes of ``sharding``.
+
+  XLA cannot partition a Pallas call, so each shard runs the kernels on its own batch rows and
+  heads; a shard's query heads and their state heads stay together because both are split into
+  the same number of contiguous blocks.
+  """
+  if not isinstance(sharding, NamedSharding):
+    raise ValueError(f"sharding must be a jax.sharding.NamedSharding of q, got {type(sharding).__name__}")
+  spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
+  if len(spec) != 4:
+    raise ValueError(f"sharding.spec must describe q's 4 dims [B, T, H, D], got {sharding.spec}")
+  if spec[1] is not None or spec[3] is not None:
+    raise NotImplementedError(f"sequence or feature sharding of q ({sharding.spec}) is not supported: the "
+                              "linear-attention kernels shard batch and heads only")
+  mesh, s = sharding.mesh, st.spec
+  n_batch = math.prod(mesh.shape[a] for a in _mesh_axes(spec[0]))
+  n_head = math.prod(mesh.shape[a] for a in _mesh_axes(spec[2]))
+  if q.shape[0] % n_batch:
+    raise ValueError(f"batch {q.shape[0]} is not divisible by the {n_batch} shards of mesh axes {spec[0]}")
+  if s.num_state_heads % n_head:
+    raise ValueError(f"state heads {s.num_state_heads} (q heads {s.num_q_heads}) are not divisible by the "
+                     f"{n_head} shards of mesh axes {spec[2]}")
+  local = dataclasses.replace(st, spec=dataclasses.replace(
+      s, num_q_heads=s.num_q_heads // n_head, num_state_heads=s.num_state_heads // n_head))
+  b, h = spec[0], spec[2]
+  tokens = PartitionSpec(b, None, h, None)
+  state = PartitionSpec(b, h, None, None)
+  in_specs = (tokens, tokens, tokens, None if log_decay is None else PartitionSpec(b, None, h),
+              None if s0 is None else state, None if segment_ids is None else PartitionSpec(b, None))
+  args = [x if x is None else _place(x, mesh, p)
+          for x, p in zip((q, k, v, log_decay, s0, segment_ids), in_specs)]
+  fn = jax.shard_map(functools.partial(_linear, local), mesh=mesh, in_specs=in_specs,
+                     out_specs=(tokens, state), check_vma=False)
+  return fn(*args)
+
+
+def _place(x, mesh, spec):
+  """Puts ``x`` in the layout ``shard_map`` expects: resharded for Explicit mesh axes, else a
+  sharding constraint that lets XLA insert the collectives."""
+  target = NamedSharding(mesh, spec)
+  if getattr(mesh, "explicit_axes", ()):
+    return jax.sharding.reshard(x, target)
+  return jax.lax.with_sharding_constraint(x, target)

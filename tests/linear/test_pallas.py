@@ -102,3 +102,43 @@ def test_dispatch_order_and_config_errors():
     attn_jax.linear_attention(**inputs, implementation="pallas_tpu", config=attn_jax.LinearXlaConfig())
   with pytest.raises(ValueError, match="chunk_size must be a power of two >= 16 for implementation='pallas_gpu'"):
     attn_jax.linear_attention(**inputs, implementation="pallas_gpu", chunk_size=24)
+
+
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "xla"])
+def test_sharded_over_batch_and_heads_equals_unsharded(implementation):
+  """8 fake CPU devices: the Pallas adapter's shard_map (batch x heads) and XLA's own partitioning
+  of the xla backend give the unsharded outputs, final state and gradients."""
+  assert jax.device_count() == 8
+  inputs, d_out, d_state = helpers.make_inputs(4, 2, 24, 4, 2, 8, 8, jnp.float32, decay="scalar",
+                                               initial_state=True)
+  seg = jnp.asarray(np.repeat([[0, 1], [3, 3]], [10, 14], axis=1))
+  # The xla backend is partitioned by XLA (Auto axes); the Pallas adapter's shard_map also takes
+  # Explicit axes.
+  axis_type = jax.sharding.AxisType.Auto if implementation == "xla" else jax.sharding.AxisType.Explicit
+  mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model", None))
+  kw = dict(segment_ids=seg, chunk_size=16)
+  if implementation == "xla":
+    got = helpers.value_and_grads({n: x if x is None or n == "initial_state" or x.ndim != 4 else
+                                   jax.device_put(x, sharding) for n, x in inputs.items()},
+                                  d_out, d_state, implementation="xla", **kw)
+  else:
+    got = helpers.value_and_grads(inputs, d_out, d_state, config=attn_jax.LinearPallasGpuConfig(sharding=sharding),
+                                  **kw)
+    assert got[0].sharding.spec == jax.sharding.PartitionSpec("data", None, "model", None)
+  want = helpers.value_and_grads(inputs, d_out, d_state, implementation=implementation, **kw)
+  np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+  for name in want[2]:
+    np.testing.assert_allclose(got[2][name], want[2][name], atol=1e-5, err_msg=name)
+
+
+def test_sharding_errors():
+  inputs, _, _ = helpers.make_inputs(2, 2, 16, 2, 2, 8, 8, jnp.float32)
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  by_seq = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", None, None))
+  with pytest.raises(NotImplementedError, match="sequence or feature sharding"):
+    attn_jax.linear_attention(**inputs, config=attn_jax.LinearPallasGpuConfig(sharding=by_seq))
+  by_heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model", None))
+  with pytest.raises(ValueError, match="state heads 2 .* are not divisible by the 4 shards"):
+    attn_jax.linear_attention(**inputs, config=attn_jax.LinearPallasGpuConfig(sharding=by_heads))
