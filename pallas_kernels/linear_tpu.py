@@ -40,9 +40,9 @@ def _group_div(h, group: int):
   return h if group == 1 else lax.div(h, group)
 
 
-def _unpack(refs, has_decay, has_segments, has_factors):
+def _unpack(refs, has_decay, has_segments, has_factors, with_q=True):
   refs = list(refs)
-  out = {name: refs.pop(0) for name in ("q", "k", "v")}
+  out = {name: refs.pop(0) for name in (("q", "k", "v") if with_q else ("k", "v"))}
   if has_decay:
     out["b_col"], out["b_row"] = refs.pop(0), refs.pop(0)
   if has_segments:
@@ -86,7 +86,8 @@ def linear_fwd_kernel(*refs, chunk, has_decay, has_segments, has_factors):
 
 
 def linear_bwd_dq_kernel(*refs, chunk, has_decay, has_segments, has_factors):
-  r, rest = _unpack(refs, has_decay, has_segments, has_factors)
+  # dQ needs no queries: the kernel reads k, v, dO and the state only.
+  r, rest = _unpack(refs, has_decay, has_segments, has_factors, with_q=False)
   do_ref, s0_ref, dq_ref, s_scr = rest
   c = pl.program_id(2)
 
@@ -126,15 +127,15 @@ def linear_bwd_dkv_kernel(*refs, chunk, has_decay, has_segments, has_factors):
     ds0_ref[...] = dstate
 
 
-def _specs(shapes, *, chunk, group, num_chunks, reverse, has_decay, has_segments, has_factors):
-  """BlockSpecs of q, k, v and the optional factor arrays, for chunk ``c`` (or ``N - 1 - c``)."""
+def _specs(shapes, *, chunk, group, num_chunks, reverse, has_decay, has_segments, has_factors, with_q=True):
+  """BlockSpecs of (q,) k, v and the optional factor arrays, for chunk ``c`` (or ``N - 1 - c``)."""
   kd, vd = shapes
 
   def t(c):
     return num_chunks - 1 - c if reverse else c
 
-  specs = [
-      pl.BlockSpec((None, None, chunk, kd), lambda b, h, c: (b, h, t(c), 0)),
+  specs = [pl.BlockSpec((None, None, chunk, kd), lambda b, h, c: (b, h, t(c), 0))] if with_q else []
+  specs += [
       pl.BlockSpec((None, None, chunk, kd), lambda b, h, c: (b, _group_div(h, group), t(c), 0)),
       pl.BlockSpec((None, None, chunk, vd), lambda b, h, c: (b, _group_div(h, group), t(c), 0)),
   ]
@@ -215,7 +216,7 @@ def backward(q, k, v, s0, do, dst, *, b_col=None, b_row=None, r_col=None, r_row=
   dq = pl.pallas_call(
       functools.partial(linear_bwd_dq_kernel, chunk=chunk, **flags),
       grid=(b, hq, n),
-      in_specs=_specs((kd, vd), chunk=chunk, group=group, num_chunks=n, reverse=False, **flags)
+      in_specs=_specs((kd, vd), chunk=chunk, group=group, num_chunks=n, reverse=False, with_q=False, **flags)
       + [tokens(vd, False), state_spec],
       out_specs=tokens(kd, False),
       out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
@@ -223,7 +224,7 @@ def backward(q, k, v, s0, do, dst, *, b_col=None, b_row=None, r_col=None, r_row=
       compiler_params=_params(),
       interpret=_interpret_params(interpret),
       name="linear_bwd_dq",
-  )(q, k, v, *arrays, do, s0)
+  )(k, v, *arrays, do, s0)
   dk, dv, ds0 = pl.pallas_call(
       functools.partial(linear_bwd_dkv_kernel, chunk=chunk, **flags),
       grid=(b, hq, n),

@@ -113,7 +113,9 @@ def linear_attention(q, k, v, *, log_decay=None, feature_map=None, scale=None, n
     normalize: divide by the normaliser as above.
     causal: False gives one global state: every query reads
       ``initial_state + sum_j phi(k_j) v_j^T`` (over its own document with ``segment_ids``);
-      no decay. q and k/v lengths may then differ (cross attention).
+      no decay. q and k/v lengths may then differ (cross attention). Without segments this is
+      two matmuls, the same for every backend; with segments it is a causal plus an
+      anti-causal pass of the chosen backend.
     initial_state: ``[B, Hs, F, Dv]`` state before token 0 (``Dv + 1`` columns with
       ``normalize``: the last column is ``z``), ``Hs = Hd`` with a decay, else ``Hkv``.
     return_final_state: also return the float32 state after the last token (the state of the
@@ -284,6 +286,8 @@ def linear_attention_step(state, q, k, v, log_decay=None, *, feature_map=None, s
   _check_array("q", q, 3, "[batch, heads, head_dim]")
   _check_array("k", k, 3, "[batch, heads, head_dim]")
   _check_array("v", v, 3, "[batch, heads, head_dim]")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
   b, hq, d = q.shape
   hkv, dv = k.shape[1], v.shape[2]
   if k.shape != (b, hkv, d) or v.shape[:2] != (b, hkv) or hq % hkv:

@@ -66,7 +66,7 @@ def run_starts(segment_ids):
   a run: it continues the initial state.
   """
   change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+  return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), change], axis=1)
 
 
 def reset_index(segment_ids):

@@ -191,7 +191,6 @@ def chunked(q, k, v, log_decay, initial_state, segment_ids, *, spec: common.Spec
   return o.astype(spec.out_dtype), final
 
 
-@jax.named_call
 def _intra_scores(qi, ki, local, mask, decay, sub_chunk):
   """Chunk-local scores ``[B, Hs, N, G, C, C]`` float32 (decayed, masked)."""
   scores = jnp.einsum("bhngik,bhnjk->bhngij", qi, ki, preferred_element_type=jnp.float32)
