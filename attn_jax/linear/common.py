@@ -8,8 +8,8 @@ backend is therefore always::
     S_t = a_t * S_{t-1} + k_t v_t^T       (S_t = k_t v_t^T at a segment start)
     o_t = q_t^T S_t
 
-with ``q [B, T, Hq, K]``, ``k [B, T, Hs, K]``, ``v [B, T, Hs, V]``, ``Hq = G * Hs`` (query heads
-``g * Hs .. `` share the state of head ``h = q_head // G``), and the log decay ``log a_t`` either
+with ``q [B, T, Hq, K]``, ``k [B, T, Hs, K]``, ``v [B, T, Hs, V]``, ``Hq = G * Hs`` (query head
+``h`` reads the state of head ``h // G``), and the log decay ``log a_t`` either
 absent, one scalar per (batch, step, head) ``[B, T, Hs]``, or one value per key channel
 ``[B, T, Hs, K]`` (GLA gates, which decay the rows of ``S``).
 """
