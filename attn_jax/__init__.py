@@ -11,9 +11,15 @@ Public API::
 from attn_jax import block_mask
 from attn_jax import dispatch
 from attn_jax import masks
+from attn_jax import mechanisms
 from attn_jax import neighborhood
 from attn_jax import sharding
 from attn_jax.block_mask import BlockMask, make_block_mask
+from attn_jax.linear import feature_maps as linear_feature_maps
+from attn_jax.linear.api import linear_attention, linear_attention_step
+from attn_jax.linear.pallas import PallasGpuConfig as LinearPallasGpuConfig
+from attn_jax.linear.pallas import PallasTpuConfig as LinearPallasTpuConfig
+from attn_jax.linear.xla import XlaConfig as LinearXlaConfig
 from attn_jax.neighborhood.api import NeighborhoodConfig, neighborhood_attention
 from attn_jax.neighborhood.mask import NeighborhoodMask
 from attn_jax.softmax.api import attention
@@ -37,4 +43,12 @@ __all__ = [
     "neighborhood_attention",
     "NeighborhoodMask",
     "NeighborhoodConfig",
+    "mechanisms",
+    "sharding",
+    "linear_attention",
+    "linear_attention_step",
+    "linear_feature_maps",
+    "LinearXlaConfig",
+    "LinearPallasTpuConfig",
+    "LinearPallasGpuConfig",
 ]

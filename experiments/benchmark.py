@@ -102,7 +102,7 @@ def main(argv):
   shape = _override(efficiency.Shape())
   lens = _SEQ_LENS.value or ["256", "512", "1024", "2048", "4096"]
   tasks = [(by_name[m], p, int(n), mode) for p in _PATTERNS.value for mode in _MODES.value
-           for m in _MECHANISMS.value for n in lens]
+           for m in _MECHANISMS.value for n in lens if by_name[m].supports(p)]
   records = []
   with tqdm.tqdm(tasks, desc="efficiency", unit="case") as bar:
     for mech, pattern, n, mode in bar:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 import attn_jax
 from attn_jax import masks
+from attn_jax import mechanisms
 
 # CAB's four attention patterns. Cross patterns attend from q_len = L queries to kv_len = L // 2
 # keys; causal cross aligns the last query with the last key (bottom-right).
@@ -46,11 +47,17 @@ class Mechanism:
     name: row label in the report.
     fn: ``fn(q, k, v, causal) -> out`` in the ``[B, T, H, D]`` layout.
     baseline: True for the dense reference that efficiency lengths are measured against.
+    patterns: the CAB patterns the mechanism has a form for (None: all four); the benchmark
+      skips the others.
   """
 
   name: str
   fn: Callable[..., jax.Array]
   baseline: bool = False
+  patterns: tuple[str, ...] | None = None
+
+  def supports(self, pattern: str) -> bool:
+    return self.patterns is None or pattern in self.patterns
 
 
 def _softmax(implementation, window=None, sinks=0):
@@ -65,10 +72,27 @@ def _softmax(implementation, window=None, sinks=0):
   return fn
 
 
+def _linear(implementation, lightning=False):
+  """Linear attention: elu+1 features, normalised (Katharopoulos et al.), or Lightning's decays.
+
+  Causal cross attention (q and k/v of different lengths) has no linear-attention form, and a
+  decay orders the tokens, so Lightning has the causal self pattern only.
+  """
+  def fn(q, k, v, causal):
+    if lightning:
+      slopes = mechanisms.lightning_slopes(k.shape[2])
+      return mechanisms.lightning_attention(q, k, v, slopes, implementation=implementation)
+    return attn_jax.linear_attention(q, k, v, feature_map="elu_plus_one", normalize=True, causal=causal,
+                                     implementation=implementation)
+  return fn
+
+
 MECHANISMS = [
     Mechanism("dense (reference)", _softmax("reference"), baseline=True),
     Mechanism("flash (xla)", _softmax("xla")),
     Mechanism("window256+4sinks (xla)", _softmax("xla", window=256, sinks=4)),
+    Mechanism("linear elu+1 (xla)", _linear("xla"), patterns=("noncausal_self", "causal_self", "noncausal_cross")),
+    Mechanism("lightning (xla)", _linear("xla", lightning=True), patterns=("causal_self",)),
 ]
 
 

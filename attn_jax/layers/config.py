@@ -57,7 +57,8 @@ class AttentionConfig:
     kernel_size, stride, dilation: per axis (an int applies to every axis).
 
   Linear family (``"linear"``, ``attn_jax.linear_attention``):
-    feature_map: passed to the primitive (e.g. ``"identity"``, ``"elu1"``, ``"relu"``, ``"based"``).
+    feature_map: passed to the primitive: ``"identity"``, ``"elu_plus_one"``, ``"relu"``,
+      ``"taylor"`` (Based) or a function (see :func:`attn_jax.linear_attention`).
     decay: ``"none"``, ``"fixed"`` (per-head ALiBi-like slopes: Lightning / RetNet) or ``"data"``
       (a per-step, per-head log decay from the input: simple GLA / Mamba-2).
     normalize: divide by ``phi(q) . z`` (normalised linear attention).
@@ -91,7 +92,7 @@ class AttentionConfig:
   stride: Any = 1
   dilation: Any = 1
 
-  feature_map: str = "elu1"
+  feature_map: str = "elu_plus_one"
   decay: str = "none"
   normalize: bool = True
   output_norm: bool = True

@@ -36,7 +36,7 @@ from attn_jax import masks as masks_lib
 from attn_jax.layers import attention
 from attn_jax.layers import config as config_lib
 from attn_jax.layers import conv
-from attn_jax.layers import linear
+from attn_jax.layers import linear_mixer
 from attn_jax.layers import neighborhood_mixer
 
 
@@ -184,8 +184,8 @@ def _check_neighborhood(c, platform):
 
 def _check_linear(c, platform):
   del platform
-  if c.decay not in linear.DECAYS:
-    raise UnsupportedConfigError(f"decay must be one of {linear.DECAYS}, got {c.decay!r}")
+  if c.decay not in linear_mixer.DECAYS:
+    raise UnsupportedConfigError(f"decay must be one of {linear_mixer.DECAYS}, got {c.decay!r}")
   if not isinstance(c.feature_map, str) and not callable(c.feature_map):
     raise UnsupportedConfigError(f"feature_map must be a name or a function, got {c.feature_map!r}")
   _positive(c, "linear_chunk_size")
@@ -209,8 +209,8 @@ register(Mechanism(
     requires=(neighborhood_mixer.PRIMITIVE,), family="neighborhood", uses_rope=True,
     cache="none (non-causal grids; causal 1D local attention decodes as softmax with a window)"))
 register(Mechanism(
-    name="linear", layer=linear.LinearAttention, check=_check_linear,
-    requires=(linear.PRIMITIVE,), family="linear",
+    name="linear", layer=linear_mixer.LinearMixer, check=_check_linear,
+    requires=(linear_mixer.PRIMITIVE,), family="linear",
     cache="RecurrentCache: the primitive's final state (S, and z when normalised), constant size"))
 register(Mechanism(
     name="short_conv", layer=conv.ShortConv, check=_check_short_conv,

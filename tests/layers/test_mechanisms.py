@@ -80,7 +80,7 @@ def test_bad_configs_fail_at_construction(changes, match):
 
 
 def _phi(name):
-  return {"identity": lambda x: x, "elu1": lambda x: jax.nn.elu(x) + 1.0}[name]
+  return {"identity": lambda x: x, "elu_plus_one": lambda x: jax.nn.elu(x) + 1.0}[name]
 
 
 def fake_linear_step(state, q, k, v, log_decay, *, feature_map, normalize):
@@ -99,14 +99,15 @@ def fake_linear_step(state, q, k, v, log_decay, *, feature_map, normalize):
   return (s, z), o.astype(q.dtype)
 
 
-def fake_linear_attention(q, k, v, *, decay=None, feature_map="identity", normalize=False, causal=True,
+def fake_linear_attention(q, k, v, *, log_decay=None, feature_map="identity", normalize=False, causal=True,
                           initial_state=None, return_final_state=False, segment_ids=None,
                           chunk_size=None, implementation=None):
   assert causal and segment_ids is None and chunk_size is None and implementation is None
   b, t, h, d = q.shape
   if initial_state is None:
     initial_state = (jnp.zeros((b, h, d, v.shape[-1]), jnp.float32), jnp.zeros((b, h, d), jnp.float32))
-  decays = None if decay is None else (jnp.broadcast_to(decay, (b, t, h)) if decay.ndim == 1 else decay)
+  decays = None if log_decay is None else (
+      jnp.broadcast_to(log_decay, (b, t, h)) if log_decay.ndim == 1 else log_decay)
 
   def step(state, xs):
     qt, kt, vt, at = xs
@@ -119,21 +120,32 @@ def fake_linear_attention(q, k, v, *, decay=None, feature_map="identity", normal
   return (o, state) if return_final_state else o
 
 
-def test_linear_hybrid_lm_decode_equals_full(monkeypatch):
-  monkeypatch.setattr(attn_jax, "linear_attention", fake_linear_attention, raising=False)
-  monkeypatch.setattr(attn_jax, "linear_attention_step", fake_linear_step, raising=False)
+def _linear_hybrid():
   lin = layers.AttentionConfig(mechanism="linear", num_heads=4, num_kv_heads=2, decay="data",
-                               feature_map="elu1")
+                               feature_map="elu_plus_one")
   fixed = lin.replace(decay="fixed", normalize=False, feature_map="identity", output_norm=False)
   cfg = models.lm.tiny(num_layers=3, schedule=(lin, fixed, layers.AttentionConfig(num_heads=4)))
-  model = models.DecoderLM(cfg, rngs=nnx.Rngs(0))
+  return models.DecoderLM(cfg, rngs=nnx.Rngs(0)), cfg
+
+
+@pytest.mark.parametrize("primitive", ["stand_in", "real"])
+def test_linear_hybrid_lm_decode_equals_full(monkeypatch, primitive):
+  """A linear : linear : softmax hybrid LM decodes token by token (recurrent state for the linear
+  layers, KV cache for the softmax one) exactly as it computes the whole sequence."""
+  if primitive == "stand_in":
+    monkeypatch.setattr(attn_jax, "linear_attention", fake_linear_attention)
+    monkeypatch.setattr(attn_jax, "linear_attention_step", fake_linear_step)
+  else:
+    assert attn_jax.linear_attention is not fake_linear_attention
+  model, cfg = _linear_hybrid()
   prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 4), 0, cfg.vocab_size)
   tokens, logits, cache = models.generate(model, prompt, max_new_tokens=5, return_logits=True,
                                           return_cache=True)
   full = jax.jit(lambda t: model(t))(jnp.concatenate([prompt, tokens[:, :-1]], axis=1))
   tolerances.assert_close(logits, full[:, 3:], jnp.float32, "linear hybrid")
   assert isinstance(cache[0], layers.RecurrentCache) and isinstance(cache[1], layers.RecurrentCache)
-  assert cache[0].state[0].shape == (2, 4, 8, 8)
+  state = jax.tree.leaves(cache[0].state)[0]
+  assert state.shape[:2] == (2, 4) and state.dtype == jnp.float32
 
 
 def test_linear_decode_without_step_function_fails_clearly(monkeypatch):

@@ -1,0 +1,333 @@
+"""Adapter from ``attn_jax.linear_attention`` to the chunked Pallas kernels (TPU and GPU).
+
+What the adapter owns (the kernels in ``pallas_kernels`` know none of it):
+
+* chunk sizes and padding: sequences to whole chunks; feature dims to multiples of 128 on TPU
+  (the lane width) and to powers of two >= 16 on GPU (Triton tiles); zero padding is exact;
+* the per-token factors in float32 (chunk-local cumulative log decay, query / key factors, run
+  indices), shared with the xla backend (:func:`attn_jax.linear.xla.chunk_factors`);
+* GQA: the kernels run one program per query head; the state gradient of a head group is fed to
+  one head of the group, and ``dK``, ``dV`` and the initial-state gradient are summed per group;
+* the custom VJP, including the decay gradient, which the kernels do not compute. With
+  ``q^ = q exp(b)`` and ``k^ = k exp(-b)`` (``b`` the cumulative log decay), the loss depends on
+  ``b_t`` only through ``q^_t``, ``k^_t`` and the final state's factor ``exp(b_T)``, so
+
+      dL/db_t = sum(q_t * dq_t) - sum(k_t * dk_t) + [t = T - 1] sum(dS_T * S_T)
+
+  and ``dL/dlog a_s = sum_{t >= s} dL/db_t``, summed inside the document of ``s`` (the sum over
+  a later document is exactly zero) and zero where a document starts (its state was reset).
+
+Per-channel decays (GLA gates) raise ``NotImplementedError``, so ``implementation=None`` falls
+back to the xla backend. On a platform other than the kernel's own (e.g. CPU) the kernels run in
+Pallas interpret mode: slow, exact, and meant for tests and debugging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from attn_jax import dispatch
+from attn_jax.linear import common
+from attn_jax.linear import xla
+from pallas_kernels import linear_gpu
+from pallas_kernels import linear_tpu
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def _check(owner, name, value, rule, ok):
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not ok(value)):
+    raise ValueError(f"{owner}.{name} must be {rule} or None, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTpuConfig:
+  """Tunables of the TPU (Mosaic) linear-attention kernels.
+
+  Attributes:
+    chunk_size: tokens per chunk, a multiple of 8 (``None``: 128, or the sequence rounded up to
+      8 when shorter). A ``chunk_size=`` given to the call takes precedence.
+    interpret: run in Pallas interpret mode; ``None`` means "unless running on a TPU".
+    sharding: a NamedSharding of ``q`` (``[B, T, H, D]``); the kernels then run under
+      ``shard_map`` over the mesh axes of the batch and head dimensions (sequence and feature
+      dims unsharded; the state heads must divide among the head shards).
+  """
+
+  chunk_size: int | None = None
+  interpret: bool | None = None
+  sharding: NamedSharding | None = None
+
+  backend: ClassVar[str] = "pallas_tpu"
+
+  def __post_init__(self):
+    _check("LinearPallasTpuConfig", "chunk_size", self.chunk_size, "a positive multiple of 8",
+           lambda c: c > 0 and c % 8 == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasGpuConfig:
+  """Tunables of the GPU (Triton-dialect Pallas) linear-attention kernels.
+
+  Attributes:
+    chunk_size: tokens per chunk, a power of two >= 16 (``None``: 64, or less for shorter
+      sequences). A ``chunk_size=`` given to the call takes precedence.
+    num_warps, num_stages: Triton launch parameters (``None``: 4 warps for feature dims <= 64,
+      else 8; 1 stage).
+    interpret: run in Pallas interpret mode; ``None`` means "unless running on a GPU".
+    sharding: as in :class:`PallasTpuConfig`.
+  """
+
+  chunk_size: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+  interpret: bool | None = None
+  sharding: NamedSharding | None = None
+
+  backend: ClassVar[str] = "pallas_gpu"
+
+  def __post_init__(self):
+    _check("LinearPallasGpuConfig", "chunk_size", self.chunk_size, "a power of two >= 16",
+           lambda c: c >= 16 and c & (c - 1) == 0)
+    for name in ("num_warps", "num_stages"):
+      _check("LinearPallasGpuConfig", name, getattr(self, name), "a positive int", lambda n: n > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  platform: str  # "tpu" or "gpu"
+  spec: common.Spec
+  chunk: int
+  key_pad: int
+  value_pad: int
+  interpret: bool
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+
+def _backend(platform: str):
+  config_type = PallasTpuConfig if platform == "tpu" else PallasGpuConfig
+  name = f"pallas_{platform}"
+
+  def linear_attention(q, k, v, log_decay, initial_state, segment_ids, *, spec: common.Spec, config=None):
+    """Pallas backend: same contract as :func:`attn_jax.linear.reference.linear_attention`."""
+    config = config or config_type()
+    if not isinstance(config, config_type):
+      raise ValueError(f"config must be a Linear{config_type.__name__} for implementation={name!r}, "
+                       f"got {type(config).__name__}")
+    if spec.decay == common.CHANNEL:
+      raise NotImplementedError(f"per-channel decay (GLA gates, log_decay [batch, seq, heads, features]) "
+                                f"is not supported by the {name} kernels, which take scalar decays only")
+    interpret = config.interpret
+    if interpret is None:
+      interpret = dispatch.current_platform() != platform
+    chunk = spec.chunk_size or config.chunk_size
+    if platform == "tpu":
+      if chunk is not None and chunk % 8:
+        raise ValueError(f"chunk_size must be a multiple of 8 for implementation={name!r}, got {chunk}")
+      chunk = chunk or min(128, common.round_up(spec.seq_len, 8))
+      key_pad, value_pad = common.round_up(spec.key_dim, 128), common.round_up(spec.value_dim, 128)
+      static = _Static(platform, spec, chunk, key_pad, value_pad, interpret)
+    else:
+      if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
+        raise ValueError(f"chunk_size must be a power of two >= 16 for implementation={name!r}, got {chunk}")
+      chunk = chunk or min(64, max(16, _next_pow2(spec.seq_len)))
+      static = _Static(platform, spec, chunk, _next_pow2(max(16, spec.key_dim)),
+                       _next_pow2(max(16, spec.value_dim)), interpret, config.num_warps, config.num_stages)
+    if config.sharding is not None:
+      return _sharded(static, config.sharding, q, k, v, log_decay, initial_state, segment_ids)
+    return _linear(static, q, k, v, log_decay, initial_state, segment_ids)
+
+  return linear_attention
+
+
+linear_attention_tpu = _backend("tpu")
+linear_attention_gpu = _backend("gpu")
+
+
+def _pad_to(x, sizes):
+  """Zero-pads the trailing axes of ``x`` to ``sizes`` (one per axis, None to keep)."""
+  widths = [(0, 0)] * (x.ndim - len(sizes)) + [(0, 0 if s is None else s - n)
+                                                 for s, n in zip(sizes, x.shape[x.ndim - len(sizes):])]
+  return jnp.pad(x, widths)
+
+
+def _heads_first(x, st: _Static, width):
+  """``[B, T, H, X] -> [B, H, T_pad, X_pad]``."""
+  t_pad = common.round_up(x.shape[1], st.chunk)
+  return _pad_to(x.transpose(0, 2, 1, 3), (t_pad, width))
+
+
+def _tokens_last(x, st: _Static, width):
+  """``[B, H, T_pad, X_pad] -> [B, T, H, width]``."""
+  return x[:, :, :st.spec.seq_len, :width].transpose(0, 2, 1, 3)
+
+
+def _factors(st: _Static, log_decay, segment_ids, batch):
+  """Keyword arguments of the kernels: per-token factors in the kernel's layout (or nothing)."""
+  s = st.spec
+  has_decay = s.decay != common.NONE
+  if not (has_decay or s.has_segments):
+    return {}
+  c = st.chunk
+  tp = common.round_up(s.seq_len, c)
+  n = tp // c
+  f = xla.chunk_factors(log_decay, segment_ids, spec=s, batch=batch, chunk=c)
+  shape = (batch, s.num_state_heads, n, c)
+  qf = jnp.broadcast_to(f.q_factor, shape).reshape(batch, s.num_state_heads, tp)
+  kf = jnp.broadcast_to(f.k_factor, shape).reshape(batch, s.num_state_heads, tp)
+  local = f.local.reshape(batch, s.num_state_heads, tp) if has_decay else None
+  runs = None
+  if s.has_segments:
+    runs = common.pad_axis(common.reset_index(segment_ids), 1, tp, mode="edge")
+  if st.platform == "gpu":
+    return dict(b=local, r=runs, qf=qf, kf=kf)
+  out = dict(qf=qf[..., None], kf=kf[..., None])
+  if has_decay:
+    out.update(b_col=local[..., None], b_row=local.reshape(batch, s.num_state_heads, n, 1, c))
+  if s.has_segments:
+    out.update(r_col=runs[..., None], r_row=runs.reshape(batch, n, 1, c))
+  return out
+
+
+def _launch_options(st: _Static):
+  opts = dict(chunk=st.chunk, interpret=st.interpret)
+  if st.platform == "gpu":
+    opts.update(num_warps=st.num_warps, num_stages=st.num_stages)
+  return opts
+
+
+def _kernels(st: _Static):
+  return linear_tpu if st.platform == "tpu" else linear_gpu
+
+
+def _initial_state(st: _Static, s0, batch):
+  s = st.spec
+  if s0 is None:
+    return jnp.zeros((batch, s.num_state_heads, st.key_pad, st.value_pad), jnp.float32)
+  return _pad_to(s0.astype(jnp.float32), (st.key_pad, st.value_pad))
+
+
+def _forward(st: _Static, q, k, v, log_decay, s0, segment_ids):
+  s = st.spec
+  b = q.shape[0]
+  o, state = _kernels(st).forward(
+      _heads_first(q, st, st.key_pad), _heads_first(k, st, st.key_pad), _heads_first(v, st, st.value_pad),
+      _initial_state(st, s0, b), **_factors(st, log_decay, segment_ids, b), out_dtype=s.out_dtype,
+      **_launch_options(st))
+  # Every query head of a group computed the same state; keep the first head's copy.
+  state = state[:, ::s.group_size, :s.key_dim, :s.value_dim]
+  return _tokens_last(o, st, s.value_dim), state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _linear(st: _Static, q, k, v, log_decay, s0, segment_ids):
+  return _forward(st, q, k, v, log_decay, s0, segment_ids)
+
+
+def _linear_fwd(st, q, k, v, log_decay, s0, segment_ids):
+  o, state = _forward(st, q, k, v, log_decay, s0, segment_ids)
+  return (o, state), (q, k, v, log_decay, s0, segment_ids, state)
+
+
+def _linear_bwd(st: _Static, residuals, cotangents):
+  q, k, v, log_decay, s0, segment_ids, state = residuals
+  d_out, d_state = cotangents
+  s = st.spec
+  b, t, hq, _ = q.shape
+  hs, g = s.num_state_heads, s.group_size
+  # The final-state gradient enters the backward sweep of one query head per group only.
+  dst = _pad_to(d_state.astype(jnp.float32), (st.key_pad, st.value_pad))
+  dst = jnp.zeros((b, hs, g) + dst.shape[2:], jnp.float32).at[:, :, 0].set(dst).reshape(b, hq, *dst.shape[2:])
+  dq, dk, dv, ds0 = _kernels(st).backward(
+      _heads_first(q, st, st.key_pad), _heads_first(k, st, st.key_pad), _heads_first(v, st, st.value_pad),
+      _initial_state(st, s0, b), _heads_first(d_out, st, st.value_pad), dst,
+      **_factors(st, log_decay, segment_ids, b), **_launch_options(st))
+
+  def group_sum(x):  # [B, Hq, ...] -> [B, Hs, ...]
+    return x.reshape((b, hs, g) + x.shape[2:]).sum(axis=2)
+
+  dq = _tokens_last(dq, st, s.key_dim).astype(jnp.float32)
+  dk = _tokens_last(group_sum(dk), st, s.key_dim)
+  dv = _tokens_last(group_sum(dv), st, s.value_dim)
+  ds0 = group_sum(ds0)[:, :, :s.key_dim, :s.value_dim] if s0 is not None else None
+  d_decay = None
+  if log_decay is not None:
+    d_decay = _decay_gradient(st, q, k, dq, dk, state, d_state, segment_ids)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_decay, ds0, None)
+
+
+def _decay_gradient(st: _Static, q, k, dq, dk, state, d_state, segment_ids):
+  """Gradient of the ``[B, T, Hs]`` log decay from the q / k gradients (see the module doc)."""
+  s = st.spec
+  b, t, hq, kd = q.shape
+  qdq = (q.astype(jnp.float32) * dq).sum(-1).reshape(b, t, s.num_state_heads, s.group_size).sum(-1)
+  d_cum = qdq - (k.astype(jnp.float32) * dk).sum(-1)  # dL/db_t, [B, T, Hs]
+  d_cum = d_cum.at[:, t - 1].add((d_state.astype(jnp.float32) * state).sum((2, 3)))
+  if segment_ids is None:
+    return jnp.flip(jnp.cumsum(jnp.flip(d_cum, 1), axis=1), 1)
+  starts = common.run_starts(segment_ids)[:, :, None]
+  return jnp.where(starts, 0.0, common.segment_reverse_cumsum(d_cum, starts, axis=1))
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _mesh_axes(entry):
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _sharded(st: _Static, sharding, q, k, v, log_decay, s0, segment_ids):
+  """Runs the kernels under ``shard_map`` over the batch and head mesh axes of ``sharding``.
+
+  XLA cannot partition a Pallas call, so each shard runs the kernels on its own batch rows and
+  heads; a shard's query heads and their state heads stay together because both are split into
+  the same number of contiguous blocks.
+  """
+  if not isinstance(sharding, NamedSharding):
+    raise ValueError(f"sharding must be a jax.sharding.NamedSharding of q, got {type(sharding).__name__}")
+  spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
+  if len(spec) != 4:
+    raise ValueError(f"sharding.spec must describe q's 4 dims [B, T, H, D], got {sharding.spec}")
+  if spec[1] is not None or spec[3] is not None:
+    raise NotImplementedError(f"sequence or feature sharding of q ({sharding.spec}) is not supported: the "
+                              "linear-attention kernels shard batch and heads only")
+  mesh, s = sharding.mesh, st.spec
+  n_batch = math.prod(mesh.shape[a] for a in _mesh_axes(spec[0]))
+  n_head = math.prod(mesh.shape[a] for a in _mesh_axes(spec[2]))
+  if q.shape[0] % n_batch:
+    raise ValueError(f"batch {q.shape[0]} is not divisible by the {n_batch} shards of mesh axes {spec[0]}")
+  if s.num_state_heads % n_head:
+    raise ValueError(f"state heads {s.num_state_heads} (q heads {s.num_q_heads}) are not divisible by the "
+                     f"{n_head} shards of mesh axes {spec[2]}")
+  local = dataclasses.replace(st, spec=dataclasses.replace(
+      s, num_q_heads=s.num_q_heads // n_head, num_state_heads=s.num_state_heads // n_head))
+  b, h = spec[0], spec[2]
+  tokens = PartitionSpec(b, None, h, None)
+  state = PartitionSpec(b, h, None, None)
+  in_specs = (tokens, tokens, tokens, None if log_decay is None else PartitionSpec(b, None, h),
+              None if s0 is None else state, None if segment_ids is None else PartitionSpec(b, None))
+  args = [x if x is None else _place(x, mesh, p)
+          for x, p in zip((q, k, v, log_decay, s0, segment_ids), in_specs)]
+  fn = jax.shard_map(functools.partial(_linear, local), mesh=mesh, in_specs=in_specs,
+                     out_specs=(tokens, state), check_vma=False)
+  return fn(*args)
+
+
+def _place(x, mesh, spec):
+  """Puts ``x`` in the layout ``shard_map`` expects: resharded for Explicit mesh axes, else a
+  sharding constraint that lets XLA insert the collectives."""
+  target = NamedSharding(mesh, spec)
+  if getattr(mesh, "explicit_axes", ()):
+    return jax.sharding.reshard(x, target)
+  return jax.lax.with_sharding_constraint(x, target)
