@@ -207,18 +207,14 @@ def test_neighborhood_vit_on_the_real_primitive():
   dense attention, and a 3x3 window equals the stand-in's dense NATTEN mask."""
   assert attn_jax.neighborhood_attention is not fake_neighborhood_attention
   dense = models.vit.tiny()
+  images = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 3))
   na = dense.replace(schedule=dense.schedule.replace(mechanism="neighborhood", kernel_size=(4, 4)))
-  images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
-  vit_dense = models.ViT(dense, rngs=nnx.Rngs(0))
   vit_na = models.ViT(na, rngs=nnx.Rngs(0))
-  tolerances.assert_close(jax.jit(lambda x: vit_na(x))(images), jax.jit(lambda x: vit_dense(x))(images),
-                          jnp.float32, "full-window NA == dense")
-  small = na.replace(schedule=na.schedule.replace(kernel_size=(3, 3)))
-  real = models.ViT(small, rngs=nnx.Rngs(0))
-  real_out = jax.jit(lambda x: real(x))(images)
+  tolerances.assert_close(vit_na(images), models.ViT(dense, rngs=nnx.Rngs(0))(images), jnp.float32,
+                          "full-window NA == dense")
+  small = models.ViT(na.replace(schedule=na.schedule.replace(kernel_size=(3, 3))), rngs=nnx.Rngs(0))
+  real_out = small(images)
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(attn_jax, "neighborhood_attention", fake_neighborhood_attention)
-    fake_out = jax.jit(lambda x: real(x))(images)
+    fake_out = small(images)
   tolerances.assert_close(real_out, fake_out, jnp.float32, "3x3 NA == dense NATTEN mask")
-  grads = jax.grad(lambda m: m(images).sum())(real)
-  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(nnx.state(grads)))
