@@ -116,7 +116,7 @@ register(Entry("linear", lambda base, seq_len: base.replace(mechanism="linear"),
                requires=("linear_attention",),
                description="normalised linear attention (elu + 1 feature map)"))
 register(Entry("linear_decay", lambda base, seq_len: base.replace(mechanism="linear", decay="data"),
-               requires=("linear_attention",),
+               requires=("linear_attention",), default=False,
                description="linear attention with data-dependent decay (simple GLA / Mamba-2)"))
 register(Entry("linear_window",
                lambda base, seq_len: (base.replace(mechanism="linear"),

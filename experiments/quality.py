@@ -133,5 +133,10 @@ def run_cell(settings: Settings, mechanism: str, width: int, *, show_progress: b
   best = max(good, key=lambda r: r["accuracy"])
   config = make_config(best["overrides"])
   record.update(best)
-  record.update(state_floats=state_floats(config), params=parameter_count(config), runs=runs)
+  try:
+    state = state_floats(config)
+  except Exception as e:  # A mechanism without a decoding cache still has an accuracy.
+    state = None
+    record["state_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+  record.update(state_floats=state, params=parameter_count(config), runs=runs)
   return record

@@ -166,7 +166,8 @@ def quality_section(records, settings: dict, level: int = 2) -> list[str]:
       elif "error" in r:
         cells.append("error")
       else:
-        cells.append(f"{r['accuracy']:.3f} / {r['state_floats']:,}")
+        state = "-" if r["state_floats"] is None else f"{r['state_floats']:,}"
+        cells.append(f"{r['accuracy']:.3f} / {state}")
     lines.append(f"| {mech} | " + " | ".join(cells) + " |")
   lines.append("")
   errors = [r for r in records if "error" in r]
@@ -194,7 +195,8 @@ def quality_plot(records, workdir) -> list[str]:
     if not rows:
       continue
     axes[0].plot([r["width"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=mech)
-    axes[1].plot([r["state_floats"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=mech)
+    sized = [r for r in rows if r["state_floats"] is not None]
+    axes[1].plot([r["state_floats"] for r in sized], [r["accuracy"] for r in sized], marker="o", label=mech)
   for ax, label in ((axes[0], "model width"), (axes[1], "decoding state (numbers per sequence)")):
     ax.set_xscale("log", base=2)
     ax.set_xlabel(label)

@@ -276,13 +276,16 @@ def train(config, workdir: str | None = None, *, show_progress: bool = True, des
         last_eval = evaluate(eval_fn, state["params"], source, config, spec, batch_sh)
         writer.scalars(step, last_eval, prefix="eval/")
         progress.write(f"eval at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
-      if save_now or stop:
+      if ckpt is not None and (save_now or stop):
         ckpt.save(step, state, {"data_position": step}, force=stop)
         last_saved = step
       if stop:
-        ckpt.wait()
         preempted = True
-        log(f"SIGTERM: saved checkpoint {step} in {ckpt.directory}; exiting for a restart")
+        if ckpt is not None:
+          ckpt.wait()
+          log(f"SIGTERM: saved checkpoint {step} in {ckpt.directory}; exiting for a restart")
+        else:
+          log(f"SIGTERM at step {step}: checkpoints are off (checkpoint.every=0), nothing saved")
         break
     if ckpt is not None and not preempted and last_saved != step:
       check_pending()
