@@ -93,6 +93,10 @@ def _state_shardings(setup, mesh):
   return {"params": setup.param_shardings, "opt_state": setup.opt_shardings, "rng": replicated}
 
 
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def _make_step(setup, tx, loss_fn, batch_shardings, state_shardings, nonfinite_at_step: int):
   graphdef, mesh, rules = setup.graphdef, setup.mesh, setup.rules
 
@@ -109,7 +113,7 @@ def _make_step(setup, tx, loss_fn, batch_shardings, state_shardings, nonfinite_a
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
-    return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    return new, {"loss": loss, "grad_norm": _global_norm(grads), **aux}
 
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings, replicated),

@@ -13,13 +13,13 @@ the model's FLOPs at 30 % utilisation, not a measurement)::
 
 Swap the mechanism with ``--config.model.mechanism=sliding_window`` (or any name in
 ``experiments/mechanisms.py``); on a pod, ``launch/tpu_pod.sh`` runs the same command on every
-worker. A CPU smoke test (about 1 min; tiny model, 20 steps)::
+worker. A CPU smoke test (about 20 s; tiny model, 20 steps)::
 
     python -m experiments.train --config=experiments/configs/lm1b.py --workdir=/tmp/lm1b_smoke \\
         --config.data.data_dir=$DATA --config.data.seq_len=64 --config.batch_size=8 \\
         --config.model.dim=64 --config.model.num_layers=2 --config.model.mlp_dim=128 \\
         --config.model.num_heads=2 --config.model.num_kv_heads=1 --config.num_train_steps=20 \\
-        --config.log_every=5 --config.model.dtype=float32
+        --config.log_every=5 --config.model.dtype=float32 --config.optimizer.warmup_steps=2
 """
 
 from experiments.configs import base

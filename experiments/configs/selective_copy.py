@@ -1,6 +1,6 @@
 """Selective copying (Mamba's synthetic task) on a 2-layer LM.
 
-Command (about 1 min on a 2-core CPU)::
+Command (about 30 s on a 2-core CPU; ~77% of the tokens copied after 500 steps)::
 
     python -m experiments.train --config=experiments/configs/selective_copy.py --workdir=/tmp/scopy
 """

@@ -34,7 +34,8 @@ class Source:
     kind: ``"lm"`` or ``"classification"``.
     model_fields: what the model needs to know about the data (``vocab_size``; or
       ``image_size``, ``channels``, ``num_classes``).
-    tokens_per_example: tokens (or patches) one example feeds the model, for throughput.
+    tokens_per_example: tokens one example feeds the model (1 for images: throughput is then
+      in examples per second).
   """
 
   kind: str = "lm"
