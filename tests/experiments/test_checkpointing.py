@@ -88,6 +88,14 @@ def test_nothing_usable_restores_nothing(tmp_path):
   ckpt.close()
 
 
+def test_keeps_the_last_n(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), every=1, keep=2)
+  for step in (1, 2, 3, 4):
+    ckpt.save(step, _state(float(step)), {"data_position": step})
+  ckpt.close()
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["3", "4"]
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="every and keep must be >= 1, got every=0, keep=3"):
     checkpointing.Checkpointer("/tmp/unused", every=0, keep=3)

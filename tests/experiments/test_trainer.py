@@ -6,6 +6,7 @@ bit for bit (their checksum)."""
 import pathlib
 import shutil
 import signal
+import struct
 
 import numpy as np
 import pytest
@@ -100,10 +101,28 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(baseline, tmp_
   assert helpers.checkpoint_steps(workdir) == [2, 4, 6, 8]
 
 
+def _tensorboard_scalars(path):
+  """(tag, step, value) of every scalar in a TFRecord file of TensorBoard Event protos."""
+  from tensorboardX.proto import event_pb2
+
+  data, pos, out = path.read_bytes(), 0, []
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+    pos += 12 + length + 4              # length, its CRC, the record, its CRC
+    out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return out
+
+
 def test_progress_lines_and_tensorboard_events(baseline):
   workdir, _ = baseline
-  events = list((pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*"))
-  assert events and events[0].stat().st_size > 0
+  (events,) = (pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*")
+  scalars = _tensorboard_scalars(events)
+  losses = {step: value for tag, step, value in scalars if tag == "train/loss"}
+  jsonl = {m["step"]: m["train/loss"] for m in helpers.metric_lines(workdir) if "train/loss" in m}
+  assert sorted(losses) == list(range(1, 9))
+  np.testing.assert_allclose([losses[s] for s in range(1, 9)], [jsonl[s] for s in range(1, 9)], rtol=1e-6)
+  assert {"train/tokens_per_sec", "train/learning_rate", "eval/accuracy"} <= {t for t, _, _ in scalars}
   lines = helpers.metric_lines(workdir)
   assert [m["step"] for m in lines if "train/loss" in m] == list(range(1, 9))
   assert all(m["train/tokens_per_sec"] > 0 and m["train/steps_per_sec"] > 0 for m in lines if "train/loss" in m)
