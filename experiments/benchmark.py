@@ -1,30 +1,38 @@
-r"""The attention benchmark.
+r"""The attention benchmark: which mechanism for my task and my sequence length?
 
-``--suite=efficiency`` (default): time and compiled memory vs sequence length for every
-registered mechanism in CAB's four patterns, and CAB's efficiency lengths. Embedded default
-(about 3 minutes on a 2-core CPU, no download)::
+Default (``--suite=all``): both halves of a CAB-style comparison on an embedded default that
+needs no download (about 8 minutes on a 2-core CPU)::
 
     python -m experiments.benchmark
 
-Larger runs on an accelerator, e.g.::
+* quality: MQAR recall accuracy of small LMs trained with each mechanism of
+  :mod:`experiments.mechanisms` (every available default one), over model widths, with the size
+  of each model's decoding state (:mod:`experiments.quality`);
+* efficiency: forward and forward+backward time and compiled memory vs sequence length for each
+  mechanism of :mod:`experiments.efficiency` in CAB's four patterns, and CAB's efficiency lengths.
 
-    python -m experiments.benchmark --seq_lens=1024,2048,4096,8192,16384 --dtype=bfloat16 \
-        --heads=16 --head_dim=128 --repeats=10 --workdir=/tmp/bench
+Writes ``report.md``, ``results.json`` and PNG plots (``quality_mqar.png``,
+``efficiency_<mode>.png``) into ``--workdir``. Flags scale it up on an accelerator, e.g.::
 
-``--suite=kernels``: the Pallas flash kernels vs cuDNN (GPU) / splash (TPU), the xla backend and
-the ideal block-sparse speed-up, for dense causal, window 1024 + 4 sinks and block-sparse layouts
-at 50 / 25 / 12.5 % density (bf16, batch 2, 16 heads, head dim 128, 4k to 32k by default on an
-accelerator; about 10 minutes on one H100)::
+    python -m experiments.benchmark --workdir=/tmp/bench --mqar_widths=64,128,256,512 \
+        --mqar_seq_len=256 --mqar_kv_pairs=32 --mqar_vocab=8192 --mqar_steps=4000 --mqar_batch=256 \
+        --mqar_lrs=1e-3,3e-3,1e-2 --seq_lens=1024,2048,4096,8192,16384 --dtype=bfloat16 \
+        --heads=16 --head_dim=128 --repeats=10
+
+``--suite=quality`` or ``--suite=efficiency`` runs one half. ``--suite=kernels``: the Pallas flash
+kernels vs cuDNN (GPU) / splash (TPU), the xla backend and the ideal block-sparse speed-up, for
+dense causal, window 1024 + 4 sinks and block-sparse layouts at 50 / 25 / 12.5 % density (bf16,
+batch 2, 16 heads, head dim 128, 4k to 32k by default on an accelerator; about 10 minutes on
+one H100)::
 
     python -m experiments.benchmark --suite=kernels --workdir=benchmarks/kernels_h100
-
-Writes ``report.md`` and ``results.json`` (and plots for the efficiency suite) into ``--workdir``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -33,14 +41,31 @@ import tqdm
 from attn_jax import dispatch
 from experiments import efficiency
 from experiments import kernels
+from experiments import mechanisms
+from experiments import quality
 from experiments import report
 
 _WORKDIR = flags.DEFINE_string("workdir", "benchmark_out", "Directory for report.md, results.json and plots.")
-_SUITE = flags.DEFINE_enum("suite", "efficiency", ["efficiency", "kernels"], "What to benchmark.")
+_SUITE = flags.DEFINE_enum("suite", "all", ["all", "quality", "efficiency", "kernels"],
+                           "What to benchmark: quality + efficiency (all), one of them, or the Pallas kernels.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", None, "Query lengths (default: per suite and platform).")
 _PATTERNS = flags.DEFINE_list("patterns", list(efficiency.PATTERNS), "CAB patterns to measure.")
 _MECHANISMS = flags.DEFINE_list("mechanisms", [m.name for m in efficiency.MECHANISMS],
-                                "Mechanism names (default: every registered one).")
+                                "Efficiency-suite mechanism names (default: every registered one).")
+_QUALITY_MECHANISMS = flags.DEFINE_list(
+    "quality_mechanisms", None,
+    "Quality-suite mechanisms (experiments.mechanisms names; default: every available default one).")
+_Q = quality.Settings()
+_MQAR_WIDTHS = flags.DEFINE_list("mqar_widths", [str(w) for w in _Q.widths], "Model widths of the quality suite.")
+_MQAR_STEPS = flags.DEFINE_integer("mqar_steps", _Q.steps, "Training steps per quality run.")
+_MQAR_BATCH = flags.DEFINE_integer("mqar_batch", _Q.batch_size, "Batch size of the quality runs.")
+_MQAR_SEQ_LEN = flags.DEFINE_integer("mqar_seq_len", _Q.seq_len, "MQAR sequence length.")
+_MQAR_KV_PAIRS = flags.DEFINE_integer("mqar_kv_pairs", _Q.num_kv_pairs, "MQAR key-value pairs per sequence.")
+_MQAR_VOCAB = flags.DEFINE_integer("mqar_vocab", _Q.vocab_size, "MQAR vocabulary size.")
+_MQAR_LAYERS = flags.DEFINE_integer("mqar_layers", _Q.num_layers, "Layers of the quality models.")
+_MQAR_LRS = flags.DEFINE_list("mqar_lrs", [], "Learning rates to sweep per cell (best kept); "
+                              "default: one per width.")
+_MQAR_EVAL = flags.DEFINE_integer("mqar_eval_batches", _Q.eval_batches, "Eval batches per quality run.")
 _MODES = flags.DEFINE_list("modes", list(efficiency.MODES), "fwd and/or fwd_bwd.")
 _CASES = flags.DEFINE_list("cases", list(kernels.CASES), "Kernel-suite cases.")
 _BATCH = flags.DEFINE_integer("batch", None, "Batch size (default: per suite).")
@@ -83,22 +108,28 @@ def _kernel_suite(workdir):
   print(f"wrote {os.path.join(workdir, 'report.md')} and results.json")
 
 
-def main(argv):
-  del argv
-  workdir = _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
-  bad = [m for m in _MODES.value if m not in efficiency.MODES]
-  if bad:
-    raise app.UsageError(f"--modes: unknown {bad}; known: {list(efficiency.MODES)}")
-  if _SUITE.value == "kernels":
-    return _kernel_suite(workdir)
+def _quality_suite():
+  names = _QUALITY_MECHANISMS.value or list(mechanisms.available(default_only=True))
+  unavailable = [n for n in names if n not in mechanisms.available()]
+  if unavailable:
+    raise app.UsageError(f"--quality_mechanisms: unknown or unavailable {unavailable}; "
+                         f"available: {list(mechanisms.available())}")
+  settings = quality.Settings(
+      widths=tuple(int(w) for w in _MQAR_WIDTHS.value), steps=_MQAR_STEPS.value,
+      batch_size=_MQAR_BATCH.value, seq_len=_MQAR_SEQ_LEN.value, num_kv_pairs=_MQAR_KV_PAIRS.value,
+      vocab_size=_MQAR_VOCAB.value, num_layers=_MQAR_LAYERS.value,
+      learning_rates=tuple(float(x) for x in _MQAR_LRS.value), eval_batches=_MQAR_EVAL.value)
+  cells = [(m, w) for m in names for w in settings.widths]
+  records = []
+  with tqdm.tqdm(cells, desc="quality (MQAR)", unit="model") as bar:
+    for mech, width in bar:
+      bar.set_postfix_str(f"{mech} d={width}")
+      records.append(quality.run_cell(settings, mech, width, show_progress=sys.stderr.isatty()))
+  return settings, records
+
+
+def _efficiency_suite():
   by_name = {m.name: m for m in efficiency.MECHANISMS}
-  unknown = [n for n in _MECHANISMS.value if n not in by_name]
-  if unknown:
-    raise app.UsageError(f"--mechanisms: unknown {unknown}; known: {sorted(by_name)}")
-  bad = [p for p in _PATTERNS.value if p not in efficiency.PATTERNS]
-  if bad:
-    raise app.UsageError(f"--patterns: unknown {bad}; known: {list(efficiency.PATTERNS)}")
   shape = _override(efficiency.Shape())
   lens = _SEQ_LENS.value or ["256", "512", "1024", "2048", "4096"]
   tasks = [(by_name[m], p, int(n), mode) for p in _PATTERNS.value for mode in _MODES.value
@@ -108,17 +139,54 @@ def main(argv):
     for mech, pattern, n, mode in bar:
       bar.set_postfix_str(f"{mech.name} {pattern} {mode} L={n}")
       records.append(efficiency.measure(mech, pattern, n, mode, shape, _REPEATS.value))
-  eff = efficiency.efficiency_lengths(records)
+  return shape, records, efficiency.efficiency_lengths(records)
+
+
+def main(argv):
+  del argv
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  bad = [m for m in _MODES.value if m not in efficiency.MODES]
+  if bad:
+    raise app.UsageError(f"--modes: unknown {bad}; known: {list(efficiency.MODES)}")
+  if _SUITE.value == "kernels":
+    return _kernel_suite(workdir)
+  known = {m.name for m in efficiency.MECHANISMS}
+  unknown = [n for n in _MECHANISMS.value if n not in known]
+  if unknown:
+    raise app.UsageError(f"--mechanisms: unknown {unknown}; known: {sorted(known)}")
+  bad = [p for p in _PATTERNS.value if p not in efficiency.PATTERNS]
+  if bad:
+    raise app.UsageError(f"--patterns: unknown {bad}; known: {list(efficiency.PATTERNS)}")
   env = report.environment()
-  shape_dict = dict(vars(shape))
-  report.write_json(os.path.join(workdir, "results.json"),
-                    dict(environment=env, shape=shape_dict, efficiency=records, efficiency_lengths=eff))
-  md = report.efficiency_markdown(records, eff, env, shape_dict)
+  payload = dict(environment=env)
+  title = {"all": "attn_jax attention benchmark", "quality": "attn_jax quality benchmark",
+           "efficiency": "attn_jax efficiency benchmark"}[_SUITE.value]
+  lines = report.header(env, title)
+  plots = []
+  if _SUITE.value in ("all", "quality"):
+    settings, q_records = _quality_suite()
+    payload["quality"] = dict(settings=dataclasses.asdict(settings), records=q_records)
+    lines += ["## Quality: multi-query associative recall (MQAR)", ""]
+    lines += report.quality_section(q_records, dataclasses.asdict(settings), level=3)
+    plots += report.quality_plot(q_records, workdir)
+  if _SUITE.value in ("all", "efficiency"):
+    shape, records, eff = _efficiency_suite()
+    shape_dict = dict(vars(shape))
+    payload.update(shape=shape_dict, efficiency=records, efficiency_lengths=eff)
+    if _SUITE.value == "all":
+      lines += ["## Efficiency: time and memory vs sequence length (CAB's four patterns)", ""]
+      lines += report.efficiency_section(records, eff, shape_dict, level=3)
+    else:
+      lines += report.efficiency_section(records, eff, shape_dict, level=2)
+    plots += report.efficiency_plots(records, workdir)
+  report.write_json(os.path.join(workdir, "results.json"), payload)
+  md = "\n".join(lines)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(md)
-  plots = report.efficiency_plots(records, workdir)
   print(md)
-  print(f"\nwrote {os.path.join(workdir, 'report.md')}, results.json" + (f" and {len(plots)} plot(s)" if plots else ""))
+  print(f"\nwrote {os.path.join(workdir, 'report.md')}, results.json" +
+        (f" and {len(plots)} plot(s)" if plots else ""))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def test_efficiency_length_definition():
 
 
 def test_command_line_writes_report(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.benchmark", f"--workdir={tmp_path}", "--seq_lens=16,32",
+  cmd = [sys.executable, "-m", "experiments.benchmark", "--suite=efficiency", f"--workdir={tmp_path}", "--seq_lens=16,32",
          "--patterns=noncausal_self,causal_cross", "--modes=fwd", "--heads=2", "--head_dim=8",
          "--repeats=1"]
   subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)

@@ -1,0 +1,74 @@
+r"""Trains a model of the zoo: flags -> ml_collections config -> :func:`experiments.trainer.train`.
+
+    python -m experiments.train --config=experiments/configs/mqar.py --workdir=/tmp/mqar \
+        [--config.model.mechanism=sliding_window --config.num_train_steps=2000 ...]
+
+Multi-process runs join with ``--coordinator_address/--num_processes/--process_id`` (the local
+launcher), by themselves under SLURM, or with ``--distributed=jax`` on Cloud TPU pods (see
+``launch/README.md``). A run that
+finds checkpoints in ``--workdir`` resumes from the newest good one. Exit status: 0 when done,
+1 on a non-finite loss, 143 after saving on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path of an ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard files.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for hand-launched multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "jax", "none"],
+    "How to join a multi-process run. auto: the coordinator flags, ATTN_JAX_* variables, SLURM or "
+    "a GKE TPU slice (attn_jax.sharding.initialize_distributed), else one process. jax: "
+    "jax.distributed.initialize() with JAX's own cluster detection (Cloud TPU VM pods, found "
+    "through the metadata server; SLURM; MPI). none: always one process.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every checkpoint step at INFO; --verbosity=0 brings that back.
+    logging.set_verbosity(logging.WARNING)
+  from attn_jax import sharding
+
+  import jax
+
+  # Must run before anything touches the devices.
+  if _DISTRIBUTED.value == "jax":
+    jax.distributed.initialize()
+    how = "jax"
+  elif _DISTRIBUTED.value == "auto":
+    how = sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  else:
+    how = "single"
+
+  from experiments import trainer
+
+  if jax.process_index() == 0:
+    print(f"attn_jax train: {how} start, {jax.process_count()} process(es), "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
+  try:
+    summary = trainer.train(_CONFIG.value, _WORKDIR.value)
+  except trainer.NonFiniteLossError as e:
+    print(f"ERROR: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  if summary["preempted"]:
+    sys.exit(trainer.EXIT_PREEMPTED)
+  if jax.process_index() == 0:
+    print(f"done: step {summary['step']}, train {summary['train']}, eval {summary['eval']}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,310 @@
+"""The training loop behind ``experiments.train`` and the benchmark's quality suite.
+
+:func:`train` runs ``config.num_train_steps`` steps of the model ``config.model`` describes on the
+data ``config.data`` names, sharded on the mesh ``config.mesh`` describes (one device, a host, or
+every device of a multi-process run), and with a ``workdir``:
+
+* writes ``config.json``, TensorBoard events and ``metrics.jsonl`` (``workdir/tensorboard``);
+* checkpoints every ``config.checkpoint.every`` steps (asynchronously, keeping the last
+  ``config.checkpoint.keep``) and resumes from the newest checkpoint that verifies: parameters,
+  optimizer state, step, data position and RNG key, so a run killed at any moment and restarted
+  computes exactly what an uninterrupted run computes;
+* on SIGTERM (a TPU or spot VM preemption notice) finishes the current step, saves, and exits
+  with :data:`EXIT_PREEMPTED`;
+* stops at the first non-finite loss or gradient with :class:`NonFiniteLossError`, before any
+  checkpoint of the damaged state is written, naming the last good checkpoint;
+* writes ``final_metrics.json`` at the end.
+
+Metrics are read back from the devices only at log, eval and checkpoint steps, so the loop
+dispatches steps without waiting for them; the non-finite check runs on those read-backs, and a
+checkpoint is written only once every step before it has been checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from attn_jax import models
+from attn_jax import sharding
+from experiments import builders
+from experiments import checkpointing
+from experiments import data as data_lib
+from experiments import metrics as metrics_lib
+
+# 128 + SIGTERM: the conventional status of a process ended by SIGTERM, so supervisors treat a
+# preempted run as terminated (and the launch scripts restart it).
+EXIT_PREEMPTED = 143
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or the gradient norm became NaN or Inf; the run stopped without saving it."""
+
+
+class _Preemption:
+  """SIGTERM -> a flag the loop polls; multi-process runs agree on the step to stop at."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def should_stop(self, step: int, sync_now: bool) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    try:
+      # JAX's preemption service (on with jax.distributed) picks one step for every process.
+      if multihost_utils.reached_preemption_sync_point(step):
+        return True
+    except RuntimeError:
+      pass
+    if sync_now:
+      flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+      return bool(np.asarray(flags).any())
+    return False
+
+
+def _state_shardings(setup, mesh):
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return {"params": setup.param_shardings, "opt_state": setup.opt_shardings, "rng": replicated}
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _make_step(setup, tx, loss_fn, batch_shardings, state_shardings, nonfinite_at_step: int):
+  graphdef, mesh, rules = setup.graphdef, setup.mesh, setup.rules
+
+  def step(state, batch, step_index):
+    rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    with sharding.use_rules(mesh, rules):
+      (loss, aux), grads = jax.value_and_grad(
+          lambda p: loss_fn(nnx.merge(graphdef, p), batch), has_aux=True)(state["params"])
+    if nonfinite_at_step >= 0:
+      # Fault injection for testing the non-finite guard (config.debug.nonfinite_at_step).
+      poison = jnp.where(step_index == nonfinite_at_step, jnp.nan, 1.0)
+      loss = loss * poison
+      grads = jax.tree.map(lambda g: g * poison, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
+    return new, {"loss": loss, "grad_norm": _global_norm(grads), **aux}
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings, replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def _make_eval(setup, loss_fn, batch_shardings):
+  graphdef, mesh, rules = setup.graphdef, setup.mesh, setup.rules
+
+  def evaluate(params, batch):
+    with sharding.use_rules(mesh, rules):
+      loss, aux = loss_fn(nnx.merge(graphdef, params), batch)
+    return {"loss": loss, **aux}
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(evaluate, in_shardings=(setup.param_shardings, batch_shardings),
+                 out_shardings=replicated)
+
+
+def put_batch(source, split: str, index: int, batch_size: int, spec, shardings):
+  """Global batch ``index`` of ``split`` as sharded arrays; each process loads only the rows its
+  devices hold (rows are loaded once per process even when several devices share them)."""
+  loaded = {}
+
+  def rows(idx):
+    start, stop, _ = idx[0].indices(batch_size)
+    if (start, stop) not in loaded:
+      loaded[(start, stop)] = source.rows(split, index, batch_size, start, stop)
+    return loaded[(start, stop)]
+
+  return {k: jax.make_array_from_callback(
+      spec[k].shape, shardings[k], lambda idx, k=k: np.asarray(rows(idx)[k][(slice(None),) + tuple(idx[1:])],
+                                                               spec[k].dtype))
+          for k in spec}
+
+
+def _mean(records):
+  keys = records[0].keys()
+  return {k: float(np.mean([float(r[k]) for r in records])) for k in keys}
+
+
+def evaluate(eval_fn, params, source, config, spec, shardings) -> dict:
+  """Mean eval metrics over ``config.eval_steps`` batches (fewer if the split is smaller)."""
+  n = config.eval_steps
+  available = source.num_eval_batches(config.batch_size)
+  if available is not None:
+    n = min(n, available)
+  results = [eval_fn(params, put_batch(source, "eval", i, config.batch_size, spec, shardings))
+             for i in range(n)]
+  return _mean(jax.device_get(results))
+
+
+def _write_json(path, payload):
+  path = epath.Path(path)
+  text = json.dumps(payload, indent=2, default=str)
+  if "://" in str(path):
+    path.write_text(text)
+    return
+  # Locally, readers (tests, scripts watching a run) never see a half-written file.
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def train(config, workdir: str | None = None, *, show_progress: bool = True, desc: str = "train",
+          leave_progress: bool = True) -> dict:
+  """Trains as ``config`` says; returns a summary dict (final step, last train metrics, eval
+  metrics, ``preempted``).
+
+  Without ``workdir`` nothing is written (no checkpoints, no metrics files): the benchmark's use.
+
+  Raises:
+    NonFiniteLossError: a NaN/Inf loss or gradient; checkpoints written before it are kept.
+  """
+  is_main = jax.process_index() == 0
+  source = data_lib.make_source(config.data, config.seed)
+  make_model = builders.model_factory(config, source)
+  total_steps = int(config.num_train_steps)
+  tx, schedule = builders.optimizer(config.optimizer, total_steps)
+  mesh = sharding.make_mesh(**dict(config.mesh))
+  setup = models.train.init(make_model, tx, mesh=mesh)
+  spec = source.spec(config.batch_size)
+  batch_sh = models.train.batch_shardings(spec, mesh, setup.rules)
+  state_sh = _state_shardings(setup, mesh)
+  loss_fn = builders.loss_fn(source.kind)
+  step_fn = _make_step(setup, tx, loss_fn, batch_sh, state_sh, int(config.debug.nonfinite_at_step))
+  eval_fn = _make_eval(setup, loss_fn, batch_sh)
+  rng = jax.device_put(jax.random.key_data(jax.random.PRNGKey(config.seed)), state_sh["rng"])
+  state = {"params": setup.params, "opt_state": setup.opt_state, "rng": rng}
+
+  ckpt = None
+  start = 0
+  log = lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None
+  if workdir is not None:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if is_main:
+      _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    if config.checkpoint.every > 0:
+      ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                        every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                        async_save=config.checkpoint.async_save)
+      restored = ckpt.restore_latest(checkpointing.abstract_like(state), log=log)
+      if restored is not None:
+        state, meta = restored
+        start = int(meta["data_position"])
+        log(f"resumed from checkpoint {meta['step']} (data position {start})")
+  writer = metrics_lib.Writer(os.path.join(workdir, "tensorboard") if workdir else None, enabled=is_main)
+  progress = metrics_lib.Progress(start, total_steps, config.batch_size * source.tokens_per_example,
+                                  enabled=show_progress and is_main, desc=desc, leave=leave_progress)
+  preemption = _Preemption()
+  if workdir is not None:
+    preemption.install()
+
+  pending = []          # (step index, device metrics) not yet read back
+  window = []           # host metrics since the last log line
+  last = {}
+  last_loss = None
+  last_eval = {}
+  preempted = False
+  last_saved = start
+
+  def check_pending():
+    """Reads back pending metrics; raises at the first non-finite one."""
+    nonlocal pending, last_loss
+    host = jax.device_get([m for _, m in pending])
+    for (index, _), values in zip(pending, host):
+      if not (math.isfinite(float(values["loss"])) and math.isfinite(float(values["grad_norm"]))):
+        pending = []
+        good = ckpt.all_steps() if ckpt is not None else []
+        where = (f"the last good checkpoint is step {good[-1]} in {ckpt.directory}" if good
+                 else "no checkpoint was written")
+        raise NonFiniteLossError(
+            f"non-finite loss at step {index} (loss {float(values['loss'])}, grad norm "
+            f"{float(values['grad_norm'])}); stopping without saving this state: {where}. "
+            "Lower optimizer.learning_rate or raise optimizer.warmup_steps, then resume.")
+      window.append({k: float(v) for k, v in values.items()})
+      last_loss = float(values["loss"])
+    pending = []
+
+  try:
+    step = start
+    while step < total_steps:
+      batch = put_batch(source, "train", step, config.batch_size, spec, batch_sh)
+      state, step_metrics = step_fn(state, batch, jnp.int32(step))
+      pending.append((step, step_metrics))
+      step += 1
+      if config.debug.sleep_per_step > 0:
+        time.sleep(config.debug.sleep_per_step)
+      log_now = step % config.log_every == 0 or step == total_steps
+      save_now = ckpt is not None and ckpt.should_save(step)
+      eval_now = step == total_steps or (config.eval_every > 0 and step % config.eval_every == 0)
+      stop = preemption.should_stop(step, sync_now=log_now)
+      if log_now or save_now or eval_now or stop:
+        check_pending()
+      if log_now and window:
+        last = _mean(window)
+        last["learning_rate"] = float(schedule(step - 1))
+        rates = progress.update(step, {k: last[k] for k in ("loss", "accuracy") if k in last})
+        writer.scalars(step, {**last, **rates}, prefix="train/")
+        window = []
+      else:
+        progress.update(step)
+      if eval_now:
+        last_eval = evaluate(eval_fn, state["params"], source, config, spec, batch_sh)
+        writer.scalars(step, last_eval, prefix="eval/")
+        progress.write(f"eval at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+      if ckpt is not None and (save_now or stop):
+        ckpt.save(step, state, {"data_position": step}, force=stop)
+        last_saved = step
+      if stop:
+        preempted = True
+        if ckpt is not None:
+          ckpt.wait()
+          log(f"SIGTERM: saved checkpoint {step} in {ckpt.directory}; exiting for a restart")
+        else:
+          log(f"SIGTERM at step {step}: checkpoints are off (checkpoint.every=0), nothing saved")
+        break
+    if ckpt is not None and not preempted and last_saved != step:
+      check_pending()
+      ckpt.save(step, state, {"data_position": step}, force=True)
+  finally:
+    progress.close()
+    preemption.uninstall()
+    if ckpt is not None:
+      ckpt.close()
+    writer.close()
+
+  # The checksum identifies the final parameters bit for bit (resume tests compare it).
+  summary = {"step": step, "last_loss": last_loss, "train": last, "eval": last_eval,
+             "preempted": preempted, "params_checksum": checkpointing.checksum(state["params"]),
+             "processes": jax.process_count(), "devices": jax.device_count()}
+  if workdir is not None and is_main:
+    _write_json(os.path.join(workdir, "final_metrics.json"), summary)
+  return summary

@@ -1,0 +1,38 @@
+"""The main job end to end on a tiny setting: quality (MQAR) + efficiency, report, JSON, PNGs."""
+
+import json
+import subprocess
+import sys
+
+from tests.experiments import helpers
+
+
+def test_main_job_writes_quality_and_efficiency(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.benchmark", f"--workdir={tmp_path}",
+         "--quality_mechanisms=softmax,sliding_window", "--mqar_widths=8,16", "--mqar_steps=3",
+         "--mqar_seq_len=16", "--mqar_kv_pairs=2", "--mqar_vocab=16", "--mqar_batch=4",
+         "--mqar_eval_batches=1", "--mqar_layers=1", "--seq_lens=16,32", "--patterns=causal_self",
+         "--modes=fwd", "--heads=2", "--head_dim=8", "--repeats=1"]
+  result = subprocess.run(cmd, cwd=helpers.REPO, env=helpers.env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  payload = json.loads((tmp_path / "results.json").read_text())
+  quality = payload["quality"]["records"]
+  assert [(r["mechanism"], r["width"]) for r in quality] == [
+      ("softmax", 8), ("softmax", 16), ("sliding_window", 8), ("sliding_window", 16)]
+  for r in quality:
+    assert "error" not in r, r
+    assert 0 <= r["accuracy"] <= 1 and r["params"] > 0
+    assert r["overrides"]["model.mechanism"] == r["mechanism"]
+  state = {(r["mechanism"], r["width"]): r["state_floats"] for r in quality}
+  # Dense attention caches every position: 1 layer x (K + V) x 16 tokens x width; the window
+  # (16 // 4 = 4 tokens) caches 4 slots.
+  assert state[("softmax", 16)] == 2 * 16 * 16 and state[("sliding_window", 16)] == 2 * 4 * 16
+  assert len(payload["efficiency"]) == 2 * 3 and payload["efficiency_lengths"]
+  md = (tmp_path / "report.md").read_text()
+  assert md.startswith("# attn_jax attention benchmark")
+  assert "## Quality: multi-query associative recall (MQAR)" in md and "| sliding_window |" in md
+  assert "### causal_self, fwd" in md and "CAB efficiency length" in md
+  for png in ("quality_mqar.png", "efficiency_fwd.png"):
+    data = (tmp_path / png).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000

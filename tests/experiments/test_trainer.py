@@ -1,0 +1,129 @@
+"""The trainer as a process: exact resume after SIGKILL, save on SIGTERM, stop on a NaN loss,
+fall back from a damaged checkpoint. Every run is the tiny MQAR model of helpers.TINY (8 steps,
+a checkpoint every 2), compared with one uninterrupted run: same final loss, same parameters
+bit for bit (their checksum)."""
+
+import pathlib
+import shutil
+import signal
+import struct
+
+import numpy as np
+import pytest
+
+from tests.experiments import helpers
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("baseline")
+  result = helpers.run_train(workdir)
+  assert result.returncode == 0, result.stderr[-4000:]
+  summary = helpers.final(workdir)
+  assert summary["step"] == 8 and not summary["preempted"]
+  assert np.isfinite(summary["last_loss"])
+  assert helpers.checkpoint_steps(workdir) == [2, 4, 6, 8]
+  return workdir, summary
+
+
+def _assert_same_run(workdir, baseline_summary):
+  summary = helpers.final(workdir)
+  assert summary["step"] == 8
+  np.testing.assert_allclose(summary["last_loss"], baseline_summary["last_loss"], rtol=1e-6)
+  assert summary["params_checksum"] == baseline_summary["params_checksum"]
+  return summary
+
+
+def test_sigkill_and_restart_equals_uninterrupted_run(baseline, tmp_path):
+  base_dir, base = baseline
+  proc = helpers.start_train(tmp_path, "--config.debug.sleep_per_step=0.4")
+  # Kill once checkpoint 4 is complete (Orbax renames a finished checkpoint into place).
+  helpers.wait_for(lambda: 4 in helpers.checkpoint_steps(tmp_path), proc, what="checkpoint 4")
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=30)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "final_metrics.json").exists()
+  result = helpers.run_train(tmp_path)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "resumed from checkpoint" in result.stderr
+  _assert_same_run(tmp_path, base)
+  # Every logged step, before the kill and after the restart, has the uninterrupted run's loss.
+  first = {m["step"]: m["train/loss"] for m in helpers.metric_lines(base_dir) if "train/loss" in m}
+  logged = [m for m in helpers.metric_lines(tmp_path) if "train/loss" in m]
+  assert {m["step"] for m in logged} == set(range(1, 9))
+  for m in logged:
+    np.testing.assert_allclose(m["train/loss"], first[m["step"]], rtol=1e-6)
+
+
+def test_sigterm_saves_then_resumes(baseline, tmp_path):
+  _, base = baseline
+  proc = helpers.start_train(tmp_path, "--config.debug.sleep_per_step=0.4", "--config.checkpoint.every=100")
+  helpers.wait_for(lambda: any(m["step"] >= 3 for m in helpers.metric_lines(tmp_path)), proc,
+                   what="step 3")
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 143, out[-4000:]
+  saved = helpers.checkpoint_steps(tmp_path)
+  assert len(saved) == 1 and 3 <= saved[0] < 8, saved
+  assert f"SIGTERM: saved checkpoint {saved[0]}" in out
+  assert helpers.final(tmp_path)["preempted"]
+  result = helpers.run_train(tmp_path, "--config.checkpoint.every=100")
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert f"resumed from checkpoint {saved[0]}" in result.stderr
+  _assert_same_run(tmp_path, base)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  result = helpers.run_train(tmp_path, "--config.debug.nonfinite_at_step=5")
+  assert result.returncode == 1
+  assert "non-finite loss at step 5 (loss nan" in result.stderr
+  assert "the last good checkpoint is step 4" in result.stderr
+  assert helpers.checkpoint_steps(tmp_path) == [2, 4]
+  assert not (tmp_path / "final_metrics.json").exists()
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(baseline, tmp_path):
+  base_dir, base = baseline
+  workdir = tmp_path / "run"
+  shutil.copytree(base_dir, workdir)
+  (workdir / "final_metrics.json").unlink()
+  # Truncate the largest data file of checkpoint 8: a write cut short on a filesystem without
+  # atomic renames.
+  files = [p for p in (workdir / "checkpoints" / "8").rglob("*") if p.is_file()]
+  victim = max(files, key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:100])
+  result = helpers.run_train(workdir)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "checkpoint 8 cannot be read" in result.stderr
+  assert "resumed from checkpoint 6" in result.stderr
+  assert [p.name.split("-")[0] for p in (workdir / "checkpoints.corrupt").iterdir()] == ["8"]
+  _assert_same_run(workdir, base)
+  assert helpers.checkpoint_steps(workdir) == [2, 4, 6, 8]
+
+
+def _tensorboard_scalars(path):
+  """(tag, step, value) of every scalar in a TFRecord file of TensorBoard Event protos."""
+  from tensorboardX.proto import event_pb2
+
+  data, pos, out = path.read_bytes(), 0, []
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+    pos += 12 + length + 4              # length, its CRC, the record, its CRC
+    out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return out
+
+
+def test_progress_lines_and_tensorboard_events(baseline):
+  workdir, _ = baseline
+  (events,) = (pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*")
+  scalars = _tensorboard_scalars(events)
+  losses = {step: value for tag, step, value in scalars if tag == "train/loss"}
+  jsonl = {m["step"]: m["train/loss"] for m in helpers.metric_lines(workdir) if "train/loss" in m}
+  assert sorted(losses) == list(range(1, 9))
+  np.testing.assert_allclose([losses[s] for s in range(1, 9)], [jsonl[s] for s in range(1, 9)], rtol=1e-6)
+  assert {"train/tokens_per_sec", "train/learning_rate", "eval/accuracy"} <= {t for t, _, _ in scalars}
+  lines = helpers.metric_lines(workdir)
+  assert [m["step"] for m in lines if "train/loss" in m] == list(range(1, 9))
+  assert all(m["train/tokens_per_sec"] > 0 and m["train/steps_per_sec"] > 0 for m in lines if "train/loss" in m)
+  assert any("eval/accuracy" in m for m in lines)
