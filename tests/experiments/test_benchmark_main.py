@@ -28,7 +28,13 @@ def test_main_job_writes_quality_and_efficiency(tmp_path):
   # Dense attention caches every position: 1 layer x (K + V) x 16 tokens x width; the window
   # (16 // 4 = 4 tokens) caches 4 slots.
   assert state[("softmax", 16)] == 2 * 16 * 16 and state[("sliding_window", 16)] == 2 * 4 * 16
-  assert len(payload["efficiency"]) == 2 * 3 and payload["efficiency_lengths"]
+  from experiments import efficiency
+  n_mechs = sum(m.supports("causal_self") for m in efficiency.MECHANISMS)
+  assert n_mechs >= 3
+  # One record per (mechanism, seq_len) for the single pattern and mode asked for.
+  assert len(payload["efficiency"]) == 2 * n_mechs and payload["efficiency_lengths"]
+  assert {r["mechanism"] for r in payload["efficiency"]} == {
+      m.name for m in efficiency.MECHANISMS if m.supports("causal_self")}
   md = (tmp_path / "report.md").read_text()
   assert md.startswith("# attn_jax attention benchmark")
   assert "## Quality: multi-query associative recall (MQAR)" in md and "| sliding_window |" in md
