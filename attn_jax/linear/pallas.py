@@ -5,7 +5,8 @@ What the adapter owns (the kernels in ``pallas_kernels`` know none of it):
 * chunk sizes and padding: sequences to whole chunks; feature dims to multiples of 128 on TPU
   (the lane width) and to powers of two >= 16 on GPU (Triton tiles); zero padding is exact;
 * the per-token factors in float32 (chunk-local cumulative log decay, query / key factors, run
-  indices), shared with the xla backend (:func:`attn_jax.linear.xla.chunk_factors`);
+  indices, and for per-channel decays the per-chunk state carry), shared with the xla backend
+  (:func:`attn_jax.linear.xla.chunk_factors`);
 * GQA: the kernels run one program per query head; the state gradient of a head group is fed to
   one head of the group, and ``dK``, ``dV`` and the initial-state gradient are summed per group;
 * the custom VJP, including the decay gradient, which the kernels do not compute. With
@@ -16,10 +17,14 @@ What the adapter owns (the kernels in ``pallas_kernels`` know none of it):
 
   and ``dL/dlog a_s = sum_{t >= s} dL/db_t``, summed inside the document of ``s`` (the sum over
   a later document is exactly zero) and zero where a document starts (its state was reset).
+  Per-channel decays (GLA gates, ``[B, T, Hs, K]``) keep the feature axis: ``dL/db_t[f] =
+  q_t[f] dq_t[f] - k_t[f] dk_t[f] + [t = T - 1] sum_v dS_T[f, v] S_T[f, v]`` (query heads
+  summed per group), then the same reverse sum per document.
 
-Per-channel decays (GLA gates) raise ``NotImplementedError``, so ``implementation=None`` falls
-back to the xla backend. On a platform other than the kernel's own (e.g. CPU) the kernels run in
-Pallas interpret mode: slow, exact, and meant for tests and debugging.
+Per-channel decays run on their own kernels (sub-chunked intra-chunk scores, see
+:mod:`pallas_kernels.linear_common`), selected statically, so the scalar and no-decay kernels are
+unchanged. On a platform other than the kernel's own (e.g. CPU) the kernels run in Pallas
+interpret mode: slow, exact, and meant for tests and debugging.
 """
 
 from __future__ import annotations
