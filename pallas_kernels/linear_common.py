@@ -45,7 +45,7 @@ as blocks of ``c`` rows against the whole chunk (:func:`channel_block`):
 
 With ``G = (dO v^T)`` masked (or ``(v dO^T)`` for key rows), the same factors give
 ``dq = G_off (k exp(p - b)) * exp(b_I - p) + diag`` and ``dk`` symmetrically, so the backward
-pass needs no other scheme:
+pass needs no other scheme::
 
     dq  = [sum_j G_ij k_j exp(b_i - b_j)] + (dO S^T) * qf
     dk  = [sum_i G_ij q_i exp(b_i - b_j)] + (v dS^T) * kf
@@ -136,11 +136,9 @@ def dstate_chunk(q, do, qf_col, carry, dstate):
   return dstate + dot(scale_rows(q, qf_col), do, TN, q.dtype)
 
 
-# Per-channel decays (GLA gates): row blocks of the intra-chunk scores by sub-chunks.
-
-
-# Index vectors ([n, 1] or [1, n] int32) are broadcast to the full shape before a comparison, so
-# that no boolean vector is ever broadcast (Mosaic lowers integer broadcasts more readily).
+# Per-channel decays (GLA gates): row blocks of the intra-chunk scores by sub-chunks. Index
+# vectors ([n, 1] or [1, n] int32) are broadcast to the full shape before a comparison, so that
+# no boolean vector is ever broadcast (Mosaic lowers integer broadcasts more readily).
 
 
 def _full(idx, shape):
