@@ -14,7 +14,13 @@ chunk, ``K``, ``V`` powers of two >= 16 as Triton tiles require); per-token vect
 ``h // group``. State gradients and ``dK/dV`` are produced per query head; the caller sums each
 GQA group.
 
-Scalar decays only (one value per token and state head); per-channel gates are not supported.
+Per-channel decays (GLA gates) take separate kernels, selected statically by the ``carry``
+argument: the chunk-local log decay ``b`` and the factors ``qf``, ``kf`` are then
+``[B, Hs, T, K]`` and the state carry ``[B, Hs, N * K]`` (one ``[K]`` column per chunk). Each
+chunk is processed in row blocks of ``sub_chunk = 16`` tokens (the smallest ``tl.dot`` tile) with
+the sub-chunk scheme of :func:`pallas_kernels.linear_common.channel_block`: a static Python loop
+over the blocks, each loading its rows from the refs, and a ``fori_loop`` over the tokens of the
+diagonal block.
 """
 
 from __future__ import annotations
@@ -99,6 +105,101 @@ def linear_bwd_dkv_kernel(*refs, chunk, num_chunks, has_decay, has_segments, has
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
 
 
+def _channel_unpack(refs, has_segments):
+  refs = list(refs)
+  names = ("q", "k", "v", "b") + (("r",) if has_segments else ()) + ("qf", "kf", "carry")
+  return {name: refs.pop(0) for name in names}, refs
+
+
+def _channel_blocks(r, base, chunk, sub, has_segments, queries):
+  """Yields ``(start, block slice, mask, index vectors)`` for the row blocks of the chunk at ``base``."""
+  rows, rows_all, cols = jnp.arange(sub)[:, None], jnp.arange(chunk)[:, None], jnp.arange(chunk)[None, :]
+  r_row = r["r"][pl.ds(base, chunk)][None, :] if has_segments else None
+  for start in range(0, chunk, sub):
+    blk = pl.ds(base + start, sub)
+    r_blk = r["r"][blk][:, None] if has_segments else None
+    mask = lc.block_mask(start, rows, cols, queries, r_blk, r_row)
+    yield start, blk, mask, dict(rows=rows, rows_all=rows_all, cols=cols)
+
+
+def _carry(r, c, kd):
+  return r["carry"][pl.ds(c * kd, kd)][:, None]  # [K, 1]
+
+
+def linear_fwd_channel_kernel(*refs, chunk, sub, num_chunks, has_segments):
+  r, (s0_ref, o_ref, st_ref) = _channel_unpack(refs, has_segments)
+  kd = r["q"].shape[-1]
+
+  def body(c, state):
+    sl = pl.ds(c * chunk, chunk)
+    dt = r["q"].dtype
+    k, b, v = r["k"][sl, :], r["b"][sl, :], r["v"][sl, :]
+    for start, blk, mask, idx in _channel_blocks(r, c * chunk, chunk, sub, has_segments, queries=True):
+      q_i = r["q"][blk, :]
+      a, _ = lc.channel_block(q_i, r["k"][blk, :], r["b"][blk, :], k, b, start=start, queries=True,
+                              mask=mask, dtype=dt, **idx)
+      o = lc.dot(a, v, lc.NN, dt) + lc.dot(lc.scale_rows(q_i, r["qf"][blk, :]), state, lc.NN, dt)
+      o_ref[blk, :] = o.astype(o_ref.dtype)
+    return _carry(r, c, kd) * state + lc.dot(lc.scale_rows(k, r["kf"][sl, :]), v, lc.TN, dt)
+
+  st_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+
+
+def linear_bwd_dq_channel_kernel(*refs, chunk, sub, num_chunks, has_segments):
+  r, (do_ref, s0_ref, dq_ref) = _channel_unpack(refs, has_segments)
+  kd = r["q"].shape[-1]
+
+  def body(c, state):
+    sl = pl.ds(c * chunk, chunk)
+    dt = r["k"].dtype
+    k, b, v = r["k"][sl, :], r["b"][sl, :], r["v"][sl, :]
+    for start, blk, mask, idx in _channel_blocks(r, c * chunk, chunk, sub, has_segments, queries=True):
+      do_i = do_ref[blk, :]
+      grad = jnp.where(mask, lc.dot(do_i, v, lc.NT, dt), 0.0)
+      _, dq = lc.channel_block(None, r["k"][blk, :], r["b"][blk, :], k, b, start=start, queries=True,
+                               mask=mask, dtype=dt, grad=grad, scores=False, **idx)
+      dq_ref[blk, :] = (dq + lc.dot(do_i, state, lc.NT, dt) * r["qf"][blk, :]).astype(dq_ref.dtype)
+    return _carry(r, c, kd) * state + lc.dot(lc.scale_rows(k, r["kf"][sl, :]), v, lc.TN, dt)
+
+  lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+
+
+def linear_bwd_dkv_channel_kernel(*refs, chunk, sub, num_chunks, has_segments):
+  r, (do_ref, dst_ref, dk_ref, dv_ref, ds0_ref) = _channel_unpack(refs, has_segments)
+  kd = r["q"].shape[-1]
+
+  def body(i, dstate):
+    c = num_chunks - 1 - i
+    sl = pl.ds(c * chunk, chunk)
+    dt = r["q"].dtype
+    q, b, do = r["q"][sl, :], r["b"][sl, :], do_ref[sl, :]
+    for start, blk, mask, idx in _channel_blocks(r, c * chunk, chunk, sub, has_segments, queries=False):
+      k_j, v_j, kf_j = r["k"][blk, :], r["v"][blk, :], r["kf"][blk, :]
+      grad = jnp.where(mask, lc.dot(v_j, do, lc.NT, dt), 0.0)
+      at, dk = lc.channel_block(k_j, r["q"][blk, :], r["b"][blk, :], q, b, start=start, queries=False,
+                                mask=mask, dtype=dt, grad=grad, **idx)
+      dk_ref[blk, :] = (dk + lc.dot(v_j, dstate, lc.NT, dt) * kf_j).astype(dk_ref.dtype)
+      dv = lc.dot(at, do, lc.NN, dt) + lc.dot(lc.scale_rows(k_j, kf_j), dstate, lc.NN, dt)
+      dv_ref[blk, :] = dv.astype(dv_ref.dtype)
+    return _carry(r, c, kd) * dstate + lc.dot(lc.scale_rows(q, r["qf"][sl, :]), do, lc.TN, dt)
+
+  ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
+
+
+def _channel_in_specs(shape, group, num_chunks, has_segments):
+  t, kd, vd = shape
+  kv = lambda b, h: (b, lax.div(h, group), 0, 0)
+  specs = [pl.BlockSpec((None, None, t, kd), lambda b, h: (b, h, 0, 0)),
+           pl.BlockSpec((None, None, t, kd), kv),
+           pl.BlockSpec((None, None, t, vd), kv),
+           pl.BlockSpec((None, None, t, kd), kv)]
+  if has_segments:
+    specs.append(pl.BlockSpec((None, t), lambda b, h: (b, 0)))
+  specs += [pl.BlockSpec((None, None, t, kd), kv), pl.BlockSpec((None, None, t, kd), kv),
+            pl.BlockSpec((None, None, num_chunks * kd), lambda b, h: (b, lax.div(h, group), 0))]
+  return specs
+
+
 def _in_specs(shape, group, has_decay, has_segments, has_factors):
   t, kd, vd = shape
   kv = lambda b, h: (b, lax.div(h, group), 0, 0)
@@ -121,32 +222,49 @@ def _extras(b, r, qf, kf):
   return arrays, flags
 
 
+def _sub_chunk(chunk, sub_chunk):
+  sub = sub_chunk or 16
+  if sub < 16 or sub & (sub - 1) or chunk % sub:
+    raise ValueError(f"sub_chunk must be a power of two >= 16 dividing the chunk ({chunk}), got {sub}")
+  return sub
+
+
 def _params(num_warps, num_stages, kd, vd):
   if num_warps is None:
     num_warps = 4 if max(kd, vd) <= 64 else 8
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
 
 
-def forward(q, k, v, s0, *, b=None, r=None, qf=None, kf=None, chunk: int, out_dtype,
-            num_warps=None, num_stages=None, interpret: bool = False):
+def forward(q, k, v, s0, *, b=None, r=None, qf=None, kf=None, carry=None, chunk: int, out_dtype,
+            sub_chunk: int | None = None, num_warps=None, num_stages=None, interpret: bool = False):
   """Forward pass. Returns ``(o [B, Hq, T, V] out_dtype, final state [B, Hq, K, V] float32)``.
 
   Args:
     q: ``[B, Hq, T, K]``; k: ``[B, Hs, T, K]``; v: ``[B, Hs, T, V]``; s0: ``[B, Hs, K, V]`` f32.
     b: ``[B, Hs, T]`` chunk-local cumulative log decay; r: ``[B, T]`` int32 run index;
     qf, kf: ``[B, Hs, T]`` float32 query / key factors (see linear_common).
+    carry: per-channel decays only: ``[B, Hs, N * K]`` float32 state carry of each chunk; ``b``,
+      ``qf`` and ``kf`` are then ``[B, Hs, T, K]``.
+    sub_chunk: per-channel decays: rows per block, a power of two >= 16 dividing the chunk
+      (default 16).
   """
   bsz, hq, t, kd = q.shape
   hs, vd = k.shape[1], v.shape[3]
   group = hq // hs
-  arrays, flags = _extras(b, r, qf, kf)
-  kernel = functools.partial(linear_fwd_kernel, chunk=chunk, num_chunks=t // chunk, **flags)
+  if carry is not None:
+    kernel = functools.partial(linear_fwd_channel_kernel, chunk=chunk, sub=_sub_chunk(chunk, sub_chunk),
+                               num_chunks=t // chunk, has_segments=r is not None)
+    in_specs = _channel_in_specs((t, kd, vd), group, t // chunk, r is not None)
+    arrays = [x for x in (b, r, qf, kf, carry) if x is not None]
+  else:
+    arrays, flags = _extras(b, r, qf, kf)
+    kernel = functools.partial(linear_fwd_kernel, chunk=chunk, num_chunks=t // chunk, **flags)
+    in_specs = _in_specs((t, kd, vd), group, **flags)
   head_state = pl.BlockSpec((None, None, kd, vd), lambda b, h: (b, h, 0, 0))
   return pl.pallas_call(
       kernel,
       grid=(bsz, hq),
-      in_specs=_in_specs((t, kd, vd), group, **flags)
-      + [pl.BlockSpec((None, None, kd, vd), lambda b, h: (b, lax.div(h, group), 0, 0))],
+      in_specs=in_specs + [pl.BlockSpec((None, None, kd, vd), lambda b, h: (b, lax.div(h, group), 0, 0))],
       out_specs=[pl.BlockSpec((None, None, t, vd), lambda b, h: (b, h, 0, 0)), head_state],
       out_shape=[jax.ShapeDtypeStruct((bsz, hq, t, vd), out_dtype),
                  jax.ShapeDtypeStruct((bsz, hq, kd, vd), jnp.float32)],
@@ -156,25 +274,32 @@ def forward(q, k, v, s0, *, b=None, r=None, qf=None, kf=None, chunk: int, out_dt
   )(q, k, v, *arrays, s0)
 
 
-def backward(q, k, v, s0, do, dst, *, b=None, r=None, qf=None, kf=None, chunk: int,
-             num_warps=None, num_stages=None, interpret: bool = False):
+def backward(q, k, v, s0, do, dst, *, b=None, r=None, qf=None, kf=None, carry=None, chunk: int,
+             sub_chunk: int | None = None, num_warps=None, num_stages=None, interpret: bool = False):
   """Backward pass: ``(dq [B, Hq, T, K], dk [B, Hq, T, K], dv [B, Hq, T, V], ds0 [B, Hq, K, V])``.
 
   ``do [B, Hq, T, V]`` is the output gradient and ``dst [B, Hq, K, V]`` the final-state
   gradient per query head. ``dk``, ``dv`` and ``ds0`` are per query head; all gradients are
-  float32.
+  float32. The decay arguments are those of :func:`forward`.
   """
   bsz, hq, t, kd = q.shape
   hs, vd = k.shape[1], v.shape[3]
   group = hq // hs
   n = t // chunk
-  arrays, flags = _extras(b, r, qf, kf)
-  specs = _in_specs((t, kd, vd), group, **flags)
+  if carry is not None:
+    flags = dict(sub=_sub_chunk(chunk, sub_chunk), has_segments=r is not None)
+    kernels = (linear_bwd_dq_channel_kernel, linear_bwd_dkv_channel_kernel)
+    specs = _channel_in_specs((t, kd, vd), group, n, r is not None)
+    arrays = [x for x in (b, r, qf, kf, carry) if x is not None]
+  else:
+    arrays, flags = _extras(b, r, qf, kf)
+    kernels = (linear_bwd_dq_kernel, linear_bwd_dkv_kernel)
+    specs = _in_specs((t, kd, vd), group, **flags)
   tokens = lambda width: pl.BlockSpec((None, None, t, width), lambda b, h: (b, h, 0, 0))
   head_state = pl.BlockSpec((None, None, kd, vd), lambda b, h: (b, h, 0, 0))
   params = _params(num_warps, num_stages, kd, vd)
   dq = pl.pallas_call(
-      functools.partial(linear_bwd_dq_kernel, chunk=chunk, num_chunks=n, **flags),
+      functools.partial(kernels[0], chunk=chunk, num_chunks=n, **flags),
       grid=(bsz, hq),
       in_specs=specs + [tokens(vd), pl.BlockSpec((None, None, kd, vd),
                                                  lambda b, h: (b, lax.div(h, group), 0, 0))],
@@ -185,7 +310,7 @@ def backward(q, k, v, s0, do, dst, *, b=None, r=None, qf=None, kf=None, chunk: i
       name="linear_bwd_dq",
   )(q, k, v, *arrays, do, s0)
   dk, dv, ds0 = pl.pallas_call(
-      functools.partial(linear_bwd_dkv_kernel, chunk=chunk, num_chunks=n, **flags),
+      functools.partial(kernels[1], chunk=chunk, num_chunks=n, **flags),
       grid=(bsz, hq),
       in_specs=specs + [tokens(vd), head_state],
       out_specs=[tokens(kd), tokens(vd), head_state],

@@ -5,7 +5,8 @@ What the adapter owns (the kernels in ``pallas_kernels`` know none of it):
 * chunk sizes and padding: sequences to whole chunks; feature dims to multiples of 128 on TPU
   (the lane width) and to powers of two >= 16 on GPU (Triton tiles); zero padding is exact;
 * the per-token factors in float32 (chunk-local cumulative log decay, query / key factors, run
-  indices), shared with the xla backend (:func:`attn_jax.linear.xla.chunk_factors`);
+  indices, and for per-channel decays the per-chunk state carry), shared with the xla backend
+  (:func:`attn_jax.linear.xla.chunk_factors`);
 * GQA: the kernels run one program per query head; the state gradient of a head group is fed to
   one head of the group, and ``dK``, ``dV`` and the initial-state gradient are summed per group;
 * the custom VJP, including the decay gradient, which the kernels do not compute. With
@@ -16,10 +17,14 @@ What the adapter owns (the kernels in ``pallas_kernels`` know none of it):
 
   and ``dL/dlog a_s = sum_{t >= s} dL/db_t``, summed inside the document of ``s`` (the sum over
   a later document is exactly zero) and zero where a document starts (its state was reset).
+  Per-channel decays (GLA gates, ``[B, T, Hs, K]``) keep the feature axis: ``dL/db_t[f] =
+  q_t[f] dq_t[f] - k_t[f] dk_t[f] + [t = T - 1] sum_v dS_T[f, v] S_T[f, v]`` (query heads
+  summed per group), then the same reverse sum per document.
 
-Per-channel decays (GLA gates) raise ``NotImplementedError``, so ``implementation=None`` falls
-back to the xla backend. On a platform other than the kernel's own (e.g. CPU) the kernels run in
-Pallas interpret mode: slow, exact, and meant for tests and debugging.
+Per-channel decays run on their own kernels (sub-chunked intra-chunk scores, see
+:mod:`pallas_kernels.linear_common`), selected statically, so the scalar and no-decay kernels are
+unchanged. On a platform other than the kernel's own (e.g. CPU) the kernels run in Pallas
+interpret mode: slow, exact, and meant for tests and debugging.
 """
 
 from __future__ import annotations
@@ -123,9 +128,6 @@ def _backend(platform: str):
     if not isinstance(config, config_type):
       raise ValueError(f"config must be a Linear{config_type.__name__} for implementation={name!r}, "
                        f"got {type(config).__name__}")
-    if spec.decay == common.CHANNEL:
-      raise NotImplementedError(f"per-channel decay (GLA gates, log_decay [batch, seq, heads, features]) "
-                                f"is not supported by the {name} kernels, which take scalar decays only")
     interpret = config.interpret
     if interpret is None:
       interpret = dispatch.current_platform() != platform
@@ -181,6 +183,8 @@ def _factors(st: _Static, log_decay, segment_ids, batch):
   tp = common.round_up(s.seq_len, c)
   n = tp // c
   f = xla.chunk_factors(log_decay, segment_ids, spec=s, batch=batch, chunk=c)
+  if s.decay == common.CHANNEL:
+    return _channel_factors(st, f, segment_ids, batch)
   shape = (batch, s.num_state_heads, n, c)
   qf = jnp.broadcast_to(f.q_factor, shape).reshape(batch, s.num_state_heads, tp)
   kf = jnp.broadcast_to(f.k_factor, shape).reshape(batch, s.num_state_heads, tp)
@@ -195,6 +199,33 @@ def _factors(st: _Static, log_decay, segment_ids, batch):
     out.update(b_col=local[..., None], b_row=local.reshape(batch, s.num_state_heads, n, 1, c))
   if s.has_segments:
     out.update(r_col=runs[..., None], r_row=runs.reshape(batch, n, 1, c))
+  return out
+
+
+def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch):
+  """Per-channel decays: ``[B, Hs, T, K_pad]`` decay and factors and the per-chunk carry columns.
+
+  The padded feature columns get zeros (their q, k, state rows are zero, so any finite value
+  would do).
+  """
+  s = st.spec
+  hs, tp = s.num_state_heads, common.round_up(s.seq_len, st.chunk)
+  n = tp // st.chunk
+
+  def tokens(x):  # [B or 1, Hs or 1, N, C, K] -> [B, Hs, T, K_pad]
+    x = jnp.broadcast_to(x, (batch, hs, n, st.chunk, s.key_dim)).reshape(batch, hs, tp, s.key_dim)
+    return _pad_to(x, (st.key_pad,))
+
+  carry = _pad_to(jnp.broadcast_to(f.carry, (batch, hs, n, s.key_dim)), (st.key_pad,))
+  out = dict(b=tokens(f.local), qf=tokens(f.q_factor), kf=tokens(f.k_factor))
+  runs = None
+  if s.has_segments:
+    runs = common.pad_axis(common.reset_index(segment_ids), 1, tp, mode="edge")
+  if st.platform == "gpu":
+    return dict(out, r=runs, carry=carry.reshape(batch, hs, n * st.key_pad))
+  out.update(carry=carry[..., None])
+  if s.has_segments:
+    out.update(r_col=runs[..., None], r_row=runs.reshape(batch, n, 1, st.chunk))
   return out
 
 
@@ -266,15 +297,24 @@ def _linear_bwd(st: _Static, residuals, cotangents):
 
 
 def _decay_gradient(st: _Static, q, k, dq, dk, state, d_state, segment_ids):
-  """Gradient of the ``[B, T, Hs]`` log decay from the q / k gradients (see the module doc)."""
+  """Gradient of the ``[B, T, Hs]`` (or per-channel ``[B, T, Hs, K]``) log decay from the q / k
+  gradients (see the module doc); a per-channel decay keeps the feature axis instead of summing it."""
   s = st.spec
   b, t, hq, kd = q.shape
-  qdq = (q.astype(jnp.float32) * dq).sum(-1).reshape(b, t, s.num_state_heads, s.group_size).sum(-1)
-  d_cum = qdq - (k.astype(jnp.float32) * dk).sum(-1)  # dL/db_t, [B, T, Hs]
-  d_cum = d_cum.at[:, t - 1].add((d_state.astype(jnp.float32) * state).sum((2, 3)))
+  hs, g = s.num_state_heads, s.group_size
+  qdq = q.astype(jnp.float32) * dq  # [B, T, Hq, K] (features unpadded)
+  kdk = k.astype(jnp.float32) * dk
+  dsds = d_state.astype(jnp.float32) * state  # [B, Hs, K, V]
+  if s.decay == common.CHANNEL:
+    # A query head group reads one state: sum its heads, keep the features.
+    d_cum = qdq.reshape(b, t, hs, g, kd).sum(3) - kdk  # dL/db_t, [B, T, Hs, K]
+    d_cum = d_cum.at[:, t - 1].add(dsds.sum(3))
+  else:
+    d_cum = qdq.sum(-1).reshape(b, t, hs, g).sum(-1) - kdk.sum(-1)  # dL/db_t, [B, T, Hs]
+    d_cum = d_cum.at[:, t - 1].add(dsds.sum((2, 3)))
   if segment_ids is None:
     return jnp.flip(jnp.cumsum(jnp.flip(d_cum, 1), axis=1), 1)
-  starts = common.run_starts(segment_ids)[:, :, None]
+  starts = common.run_starts(segment_ids).reshape((b, t) + (1,) * (d_cum.ndim - 2))
   return jnp.where(starts, 0.0, common.segment_reverse_cumsum(d_cum, starts, axis=1))
 
 

@@ -16,6 +16,7 @@ import pytest
 
 import attn_jax
 from attn_jax import dispatch
+from tests import tolerances
 from tests.linear import helpers
 
 # name: (platform, decay, seq, hq, hkv, d, dv, normalize, segments, dtype, decay_heads, chunk).
@@ -45,21 +46,83 @@ def test_kernel_matches_reference(case):
                   normalize=normalize, feature_map="elu_plus_one" if normalize else None)
 
 
+# Per-channel decays (GLA gates): name: (platform, seq, hq, hkv, dtype, chunk, segments, strong,
+# normalize, decay_heads). The chunks are cut in sub-chunks of 16 rows (8 on TPU when 16 does not
+# divide the chunk): "sub8" has 5 blocks per chunk, the chunk-16 case one block (no off-diagonal
+# sub-chunks), the others 2 and 4.
+CHANNEL_CASES = {
+    "tpu-gqa-segments-ragged": ("tpu", 37, 2, 1, jnp.float32, 32, True, False, False, None),
+    "tpu-sub8-normalize-bf16": ("tpu", 40, 2, 2, jnp.bfloat16, 40, False, False, True, None),
+    "tpu-strong-decay-segments": ("tpu", 70, 2, 1, jnp.float32, 64, True, True, False, None),
+    "gpu-gqa-segments-chunk16": ("gpu", 45, 4, 2, jnp.float32, 16, True, False, False, None),
+    "gpu-qheads-normalize-bf16": ("gpu", 30, 2, 1, jnp.bfloat16, None, False, False, True, 2),
+    "gpu-strong-decay-mqa": ("gpu", 70, 2, 1, jnp.float32, 64, False, True, False, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANNEL_CASES))
+def test_per_channel_decay_matches_reference(case):
+  platform, seq, hq, hkv, dtype, chunk, segments, strong, normalize, decay_heads = CHANNEL_CASES[case]
+  inputs, d_out, d_state = helpers.make_inputs(2, 1, seq, hq, hkv, 8, 8, dtype, decay="channel",
+                                               decay_heads=decay_heads, normalize=normalize,
+                                               initial_state=True)
+  if strong:
+    # a_t = e^-3 .. e^-8 per step: a 16-token sub-chunk already decays by ~-88 and a 64-token
+    # chunk by ~-350, so q exp(b) / k exp(-b) without sub-chunks would be 0 * inf.
+    log_decay = np.random.default_rng(7).uniform(-8.0, -3.0, inputs["log_decay"].shape).astype(np.float32)
+    assert np.cumsum(log_decay[:, :64], axis=1).min() < -2 * 88
+    inputs["log_decay"] = jnp.asarray(log_decay)
+  seg = None
+  if segments:
+    ids = np.zeros((1, seq), np.int32)
+    ids[:, seq // 3:] = 1
+    ids[:, (2 * seq) // 3:] = 0
+    seg = jnp.asarray(ids)
+  # Under the strong decay, the float32 decay gradient is ill-conditioned (a sum of large terms
+  # that cancel): against a float64 recurrence, the xla backend's autodiff is off by 1.5e-5 and
+  # the kernels' identity by 2.4e-5 of max|grad| (float32 tolerance 2e-5), every other array by
+  # < 5e-7.
+  got, _ = helpers.compare(f"pallas_{platform}", inputs, d_out, d_state, segment_ids=seg, chunk_size=chunk,
+                           normalize=normalize, feature_map="elu_plus_one" if normalize else None,
+                           grad_factors={"log_decay": 3.0} if strong else None)
+  # The decay gradient is per channel and not trivially zero.
+  assert got[2]["log_decay"].shape == inputs["log_decay"].shape
+  assert float(jnp.abs(got[2]["log_decay"]).max()) > 1e-3
+
+
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
-def test_per_channel_decay_is_refused_by_name_and_falls_back(platform, monkeypatch):
+def test_per_channel_decay_dispatches_to_the_kernel(platform, monkeypatch):
+  """With implementation=None on a TPU / GPU, per-channel decays are served by the kernel (the
+  registry entry is wrapped to record the call and to force interpret mode on this CPU)."""
   inputs, _, _ = helpers.make_inputs(2, 1, 16, 2, 2, 8, 8, jnp.float32, decay="channel")
-  with pytest.raises(NotImplementedError, match="per-channel decay"):
-    attn_jax.linear_attention(**inputs, implementation=f"pallas_{platform}")
-  # With implementation=None on that platform, the dispatcher moves on to xla.
+  name = f"pallas_{platform}"
+  config = (attn_jax.LinearPallasTpuConfig if platform == "tpu" else attn_jax.LinearPallasGpuConfig)(interpret=True)
+  table = dispatch._REGISTRY["linear"]
+  calls = []
+
+  def spy(backend):
+    original = table[backend]
+
+    def fn(*args, **kwargs):
+      calls.append(backend)
+      if backend == name:
+        kwargs["config"] = config
+      return original(*args, **kwargs)
+    return fn
+
+  for backend in dispatch.platform_order("linear", platform):
+    monkeypatch.setitem(table, backend, spy(backend))
   monkeypatch.setattr(dispatch, "current_platform", lambda: platform)
   got = jax.jit(lambda i: attn_jax.linear_attention(**i))(inputs)
-  want = jax.jit(lambda i: attn_jax.linear_attention(**i, implementation="xla"))(inputs)
-  np.testing.assert_array_equal(got, want)
+  assert calls == [name]
+  want = attn_jax.linear_attention(**inputs, implementation="reference")
+  tolerances.assert_close(got, want, jnp.float32, "out")
 
 
 _LOWERING = {
-    "scalar_decay_segments_gqa": dict(decay=True, segments=True, hq=4, hkv=2),
-    "plain_mha": dict(decay=False, segments=False, hq=2, hkv=2),
+    "scalar_decay_segments_gqa": dict(decay="scalar", segments=True, hq=4, hkv=2),
+    "channel_decay_segments_gqa": dict(decay="channel", segments=True, hq=4, hkv=2),
+    "plain_mha": dict(decay=None, segments=False, hq=2, hkv=2),
 }
 
 
@@ -71,7 +134,8 @@ def test_kernels_lower_for_their_hardware(platform, case):
   batch, length, d = 2, 512, 128
   sd = jax.ShapeDtypeStruct
   args = (sd((batch, length, c["hq"], d), jnp.bfloat16), sd((batch, length, c["hkv"], d), jnp.bfloat16),
-          sd((batch, length, c["hkv"], d), jnp.bfloat16), sd((batch, length, c["hkv"]), jnp.float32),
+          sd((batch, length, c["hkv"], d), jnp.bfloat16),
+          sd((batch, length, c["hkv"]) + ((d,) if c["decay"] == "channel" else ()), jnp.float32),
           sd((batch, length), jnp.int32))
   config = attn_jax.LinearPallasTpuConfig(interpret=False) if platform == "tpu" else (
       attn_jax.LinearPallasGpuConfig(interpret=False))
