@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import os
+import typing
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -103,6 +104,55 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,)
   return tuple(axes)
 
+
+
+class KernelShards(typing.NamedTuple):
+  """How a Pallas kernel call is split by :func:`kernel_shards` (batch and heads only)."""
+
+  mesh: Mesh
+  batch: Any  # the PartitionSpec entry of the batch dim (mesh axis name(s) or None)
+  heads: Any  # the PartitionSpec entry of the head dim
+  head_axes: tuple[str, ...]
+  num_batch: int  # shards along the batch dim
+  num_heads: int  # shards along the head dim
+
+
+def kernel_shards(sharding, batch_size: int, what: str) -> KernelShards:
+  """Validates the NamedSharding ``sharding`` of ``q [B, T, H, D]`` for a Pallas kernel call.
+
+  XLA cannot partition a Pallas call, so the kernels run under ``shard_map`` over the batch and
+  head mesh axes; sequence or feature sharding is refused (``what`` names the kernels in the
+  error). Raises ValueError for a non-NamedSharding, a spec of the wrong rank or a batch that
+  does not divide.
+  """
+  if not isinstance(sharding, NamedSharding):
+    raise ValueError(f"sharding must be a jax.sharding.NamedSharding of q, got {type(sharding).__name__}")
+  spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
+  if len(spec) != 4:
+    raise ValueError(f"sharding.spec must describe q's 4 dims [B, T, H, D], got {sharding.spec}")
+  if spec[1] is not None or spec[3] is not None:
+    raise NotImplementedError(f"sequence or feature sharding of q ({sharding.spec}) is not supported: the "
+                              f"{what} shard batch and heads only")
+  mesh = sharding.mesh
+  batch_axes, head_axes = _as_tuple(spec[0]), _as_tuple(spec[2])
+  n_batch = math.prod(mesh.shape[a] for a in batch_axes)
+  n_head = math.prod(mesh.shape[a] for a in head_axes)
+  if batch_size % n_batch:
+    raise ValueError(f"batch {batch_size} is not divisible by the {n_batch} shards of mesh axes {batch_axes}")
+  return KernelShards(mesh, spec[0], spec[2], head_axes, n_batch, n_head)
+
+
+def place_for_shard_map(x, mesh: Mesh, spec: PartitionSpec):
+  """Puts ``x`` in the layout ``shard_map`` expects.
+
+  With Explicit mesh axes (the default of ``jax.make_mesh`` in recent JAX) shard_map requires
+  its inputs to carry exactly ``in_specs``, so they are resharded; with Auto axes a sharding
+  constraint lets XLA insert the collectives.
+  """
+  target = NamedSharding(mesh, spec)
+  if getattr(mesh, "explicit_axes", ()):
+    return jax.sharding.reshard(x, target)
+  return jax.lax.with_sharding_constraint(x, target)
 
 def default_rules() -> AxisRules:
   """The standard data x fsdp x sequence x tensor layout.

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import ClassVar
 
 import jax
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from attn_jax import dispatch
+from attn_jax import sharding as sharding_lib
 from attn_jax.linear import common
 from attn_jax.linear import xla
 from pallas_kernels import linear_gpu
@@ -321,12 +321,6 @@ def _decay_gradient(st: _Static, q, k, dq, dk, state, d_state, segment_ids):
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def _mesh_axes(entry):
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
 def _sharded(st: _Static, sharding, q, k, v, log_decay, s0, segment_ids):
   """Runs the kernels under ``shard_map`` over the batch and head mesh axes of ``sharding``.
 
@@ -334,40 +328,23 @@ def _sharded(st: _Static, sharding, q, k, v, log_decay, s0, segment_ids):
   heads; a shard's query heads and their state heads stay together because both are split into
   the same number of contiguous blocks.
   """
-  if not isinstance(sharding, NamedSharding):
-    raise ValueError(f"sharding must be a jax.sharding.NamedSharding of q, got {type(sharding).__name__}")
-  spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
-  if len(spec) != 4:
-    raise ValueError(f"sharding.spec must describe q's 4 dims [B, T, H, D], got {sharding.spec}")
-  if spec[1] is not None or spec[3] is not None:
-    raise NotImplementedError(f"sequence or feature sharding of q ({sharding.spec}) is not supported: the "
-                              "linear-attention kernels shard batch and heads only")
-  mesh, s = sharding.mesh, st.spec
-  n_batch = math.prod(mesh.shape[a] for a in _mesh_axes(spec[0]))
-  n_head = math.prod(mesh.shape[a] for a in _mesh_axes(spec[2]))
-  if q.shape[0] % n_batch:
-    raise ValueError(f"batch {q.shape[0]} is not divisible by the {n_batch} shards of mesh axes {spec[0]}")
-  if s.num_state_heads % n_head:
+  sh = sharding_lib.kernel_shards(sharding, q.shape[0], "linear-attention kernels")
+  s = st.spec
+  if s.num_state_heads % sh.num_heads:
     raise ValueError(f"state heads {s.num_state_heads} (q heads {s.num_q_heads}) are not divisible by the "
-                     f"{n_head} shards of mesh axes {spec[2]}")
+                     f"{sh.num_heads} shards of mesh axes {sh.head_axes}")
   local = dataclasses.replace(st, spec=dataclasses.replace(
-      s, num_q_heads=s.num_q_heads // n_head, num_state_heads=s.num_state_heads // n_head))
-  b, h = spec[0], spec[2]
+      s, num_q_heads=s.num_q_heads // sh.num_heads, num_state_heads=s.num_state_heads // sh.num_heads))
+  b, h = sh.batch, sh.heads
   tokens = PartitionSpec(b, None, h, None)
   state = PartitionSpec(b, h, None, None)
-  in_specs = (tokens, tokens, tokens, None if log_decay is None else PartitionSpec(b, None, h),
+  decay = None
+  if log_decay is not None:
+    decay = PartitionSpec(b, None, h, None) if log_decay.ndim == 4 else PartitionSpec(b, None, h)
+  in_specs = (tokens, tokens, tokens, decay,
               None if s0 is None else state, None if segment_ids is None else PartitionSpec(b, None))
-  args = [x if x is None else _place(x, mesh, p)
+  args = [x if x is None else sharding_lib.place_for_shard_map(x, sh.mesh, p)
           for x, p in zip((q, k, v, log_decay, s0, segment_ids), in_specs)]
-  fn = jax.shard_map(functools.partial(_linear, local), mesh=mesh, in_specs=in_specs,
+  fn = jax.shard_map(functools.partial(_linear, local), mesh=sh.mesh, in_specs=in_specs,
                      out_specs=(tokens, state), check_vma=False)
   return fn(*args)
-
-
-def _place(x, mesh, spec):
-  """Puts ``x`` in the layout ``shard_map`` expects: resharded for Explicit mesh axes, else a
-  sharding constraint that lets XLA insert the collectives."""
-  target = NamedSharding(mesh, spec)
-  if getattr(mesh, "explicit_axes", ()):
-    return jax.sharding.reshard(x, target)
-  return jax.lax.with_sharding_constraint(x, target)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Callable, ClassVar
 
 import jax
@@ -29,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from attn_jax import block_mask as block_mask_lib
 from attn_jax import dispatch
+from attn_jax import sharding as sharding_lib
 from attn_jax.softmax import common
 from pallas_kernels import flash_common
 from pallas_kernels import flash_gpu
@@ -273,50 +273,31 @@ def _flash_bwd(st: _Static, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _axes(entry):
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
 def _sharded(st: _Static, sharding: NamedSharding, q, k, v, sinks, q_seg, kv_seg):
   """Runs the kernel under shard_map over the batch and head mesh axes of ``sharding``."""
-  if not isinstance(sharding, NamedSharding):
-    raise ValueError(f"sharding must be a jax.sharding.NamedSharding of q, got {type(sharding).__name__}")
-  mesh = sharding.mesh
-  spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
-  if len(spec) != 4:
-    raise ValueError(f"sharding.spec must describe q's 4 dims [B, T, H, D], got {sharding.spec}")
-  if spec[1] is not None or spec[3] is not None:
-    raise NotImplementedError(
-        f"sequence or head_dim sharding of q ({sharding.spec}) needs ring/context-parallel attention; "
-        "the kernels shard batch and heads only")
-  batch_axes, head_axes = _axes(spec[0]), _axes(spec[2])
+  sh = sharding_lib.kernel_shards(sharding, q.shape[0], "flash kernels")
   s = st.spec
-  n_batch = math.prod(mesh.shape[a] for a in batch_axes)
-  n_head = math.prod(mesh.shape[a] for a in head_axes)
-  if q.shape[0] % n_batch:
-    raise ValueError(f"batch {q.shape[0]} is not divisible by the {n_batch} shards of mesh axes {batch_axes}")
-  if s.num_q_heads % n_head:
-    raise ValueError(f"q heads {s.num_q_heads} are not divisible by the {n_head} shards of mesh axes {head_axes}")
-  local_q_heads = s.num_q_heads // n_head
-  if s.num_kv_heads % n_head == 0:
-    kv_head_spec, slice_kv = spec[2], False
+  if s.num_q_heads % sh.num_heads:
+    raise ValueError(f"q heads {s.num_q_heads} are not divisible by the {sh.num_heads} shards of mesh "
+                     f"axes {sh.head_axes}")
+  local_q_heads = s.num_q_heads // sh.num_heads
+  if s.num_kv_heads % sh.num_heads == 0:
+    kv_head_spec, slice_kv = sh.heads, False
   elif s.group_size % local_q_heads == 0:
     # Fewer K/V heads than head shards (e.g. MQA): K/V stay replicated over the head axes and each
     # shard slices the one K/V head its query heads share.
     kv_head_spec, slice_kv = None, True
   else:
-    raise ValueError(f"cannot shard {s.num_q_heads} q heads / {s.num_kv_heads} kv heads over {n_head} head shards")
+    raise ValueError(f"cannot shard {s.num_q_heads} q heads / {s.num_kv_heads} kv heads over "
+                     f"{sh.num_heads} head shards")
 
-  b_spec = spec[0]
-  q_spec = PartitionSpec(b_spec, None, spec[2], None)
-  kv_spec = PartitionSpec(b_spec, None, kv_head_spec, None)
-  seg_spec = PartitionSpec(b_spec, None)
-  sink_spec = PartitionSpec(spec[2])
+  q_spec = PartitionSpec(sh.batch, None, sh.heads, None)
+  kv_spec = PartitionSpec(sh.batch, None, kv_head_spec, None)
+  seg_spec = PartitionSpec(sh.batch, None)
+  sink_spec = PartitionSpec(sh.heads)
 
   def body(q, k, v, sinks, q_seg, kv_seg):
-    shard = jax.lax.axis_index(head_axes) if head_axes else 0
+    shard = jax.lax.axis_index(sh.head_axes) if sh.head_axes else 0
     head_offset = jnp.reshape(shard * local_q_heads, (1,)).astype(jnp.int32)
     if slice_kv:
       kv_head = (shard * local_q_heads) // s.group_size
@@ -326,23 +307,11 @@ def _sharded(st: _Static, sharding: NamedSharding, q, k, v, sinks, q_seg, kv_seg
 
   in_specs = (q_spec, kv_spec, kv_spec, None if sinks is None else sink_spec,
               None if q_seg is None else seg_spec, None if kv_seg is None else seg_spec)
-  out_specs = (q_spec, PartitionSpec(b_spec, None, spec[2]))
-  args = [x if x is None else _place(x, mesh, p) for x, p in zip((q, k, v, sinks, q_seg, kv_seg), in_specs)]
-  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  out_specs = (q_spec, PartitionSpec(sh.batch, None, sh.heads))
+  args = [x if x is None else sharding_lib.place_for_shard_map(x, sh.mesh, p)
+          for x, p in zip((q, k, v, sinks, q_seg, kv_seg), in_specs)]
+  fn = jax.shard_map(body, mesh=sh.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
   return fn(*args)
-
-
-def _place(x, mesh, spec):
-  """Puts ``x`` in the layout shard_map expects.
-
-  With Explicit mesh axes (the default of ``jax.make_mesh`` in recent JAX) shard_map requires
-  its inputs to carry exactly ``in_specs``, so they are resharded; with Auto axes a sharding
-  constraint lets XLA insert the collectives.
-  """
-  target = NamedSharding(mesh, spec)
-  if getattr(mesh, "explicit_axes", ()):
-    return jax.sharding.reshard(x, target)
-  return jax.lax.with_sharding_constraint(x, target)
 
 
 def _attention(platform: str, config_type):

@@ -168,12 +168,13 @@ def test_dispatch_order_and_config_errors():
     attn_jax.linear_attention(**inputs, implementation="pallas_gpu", chunk_size=24)
 
 
-@pytest.mark.parametrize("implementation", ["pallas_gpu", "xla"])
-def test_sharded_over_batch_and_heads_equals_unsharded(implementation):
+@pytest.mark.parametrize("implementation,decay", [("pallas_gpu", "scalar"), ("pallas_gpu", "channel"),
+                                                  ("xla", "scalar")])
+def test_sharded_over_batch_and_heads_equals_unsharded(implementation, decay):
   """8 fake CPU devices: the Pallas adapter's shard_map (batch x heads) and XLA's own partitioning
   of the xla backend give the unsharded outputs, final state and gradients."""
   assert jax.device_count() == 8
-  inputs, d_out, d_state = helpers.make_inputs(4, 2, 24, 4, 2, 8, 8, jnp.float32, decay="scalar",
+  inputs, d_out, d_state = helpers.make_inputs(4, 2, 24, 4, 2, 8, 8, jnp.float32, decay=decay,
                                                initial_state=True)
   seg = jnp.asarray(np.repeat([[0, 1], [3, 3]], [10, 14], axis=1))
   # The xla backend is partitioned by XLA (Auto axes); the Pallas adapter's shard_map also takes

@@ -212,7 +212,7 @@ def test_bad_hardware_requests():
     attn_jax.attention(big, big, big, implementation="pallas_gpu")
   mesh = jax.make_mesh((2, 4), ("data", "model"))
   seq_sharded = NamedSharding(mesh, P(None, "data", None, None))
-  with pytest.raises(NotImplementedError, match="sequence or head_dim sharding"):
+  with pytest.raises(NotImplementedError, match="sequence or feature sharding"):
     attn_jax.attention(q, k, v, implementation="pallas_gpu", config=attn_jax.PallasGpuConfig(sharding=seq_sharded))
   with pytest.raises(ValueError, match="q heads 2 are not divisible by the 4 shards"):
     attn_jax.attention(q, k, v, implementation="pallas_gpu",
