@@ -27,6 +27,22 @@ _PLATFORM_ORDER = {
 }
 
 
+
+def round_up(x: int, m: int) -> int:
+  """``x`` rounded up to a multiple of ``m``."""
+  return -(-x // m) * m
+
+
+def next_pow2(x: int) -> int:
+  """The smallest power of two ``>= x`` (1 for ``x <= 1``)."""
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def check_config_int(owner: str, name: str, value, rule: str, ok: Callable[[int], bool]) -> None:
+  """ValueError naming ``owner.name`` unless ``value`` is None or an int (not bool) with ``ok``."""
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not ok(value)):
+    raise ValueError(f"{owner}.{name} must be {rule} or None, got {value!r}")
+
 def register(family: str, name: str, fn: Callable[..., Any]) -> None:
   _REGISTRY.setdefault(family, {})[name] = fn
 

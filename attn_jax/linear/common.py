@@ -21,6 +21,8 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
+from attn_jax import dispatch
+
 # Decay kinds after argument checking. A fixed per-head decay reaches the backends as "scalar"
 # (broadcast over batch and time), so that its gradient comes out of the same code.
 NONE, SCALAR, CHANNEL = "none", "scalar", "channel"
@@ -77,8 +79,7 @@ def reset_index(segment_ids):
   return jnp.cumsum(run_starts(segment_ids).astype(jnp.int32), axis=1)
 
 
-def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
+round_up = dispatch.round_up
 
 
 def pad_axis(x, axis: int, size: int, mode: str = "zeros"):

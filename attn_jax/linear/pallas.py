@@ -45,15 +45,6 @@ from pallas_kernels import linear_gpu
 from pallas_kernels import linear_tpu
 
 
-def _next_pow2(x: int) -> int:
-  return 1 << max(0, (x - 1).bit_length())
-
-
-def _check(owner, name, value, rule, ok):
-  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not ok(value)):
-    raise ValueError(f"{owner}.{name} must be {rule} or None, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class PallasTpuConfig:
   """Tunables of the TPU (Mosaic) linear-attention kernels.
@@ -74,8 +65,8 @@ class PallasTpuConfig:
   backend: ClassVar[str] = "pallas_tpu"
 
   def __post_init__(self):
-    _check("LinearPallasTpuConfig", "chunk_size", self.chunk_size, "a positive multiple of 8",
-           lambda c: c > 0 and c % 8 == 0)
+    dispatch.check_config_int("LinearPallasTpuConfig", "chunk_size", self.chunk_size, "a positive multiple of 8",
+                              lambda c: c > 0 and c % 8 == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +91,10 @@ class PallasGpuConfig:
   backend: ClassVar[str] = "pallas_gpu"
 
   def __post_init__(self):
-    _check("LinearPallasGpuConfig", "chunk_size", self.chunk_size, "a power of two >= 16",
-           lambda c: c >= 16 and c & (c - 1) == 0)
+    dispatch.check_config_int("LinearPallasGpuConfig", "chunk_size", self.chunk_size, "a power of two >= 16",
+                              lambda c: c >= 16 and c & (c - 1) == 0)
     for name in ("num_warps", "num_stages"):
-      _check("LinearPallasGpuConfig", name, getattr(self, name), "a positive int", lambda n: n > 0)
+      dispatch.check_config_int("LinearPallasGpuConfig", name, getattr(self, name), "a positive int", lambda n: n > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +132,9 @@ def _backend(platform: str):
     else:
       if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
         raise ValueError(f"chunk_size must be a power of two >= 16 for implementation={name!r}, got {chunk}")
-      chunk = chunk or min(64, max(16, _next_pow2(spec.seq_len)))
-      static = _Static(platform, spec, chunk, _next_pow2(max(16, spec.key_dim)),
-                       _next_pow2(max(16, spec.value_dim)), interpret, config.num_warps, config.num_stages)
+      chunk = chunk or min(64, max(16, dispatch.next_pow2(spec.seq_len)))
+      static = _Static(platform, spec, chunk, dispatch.next_pow2(max(16, spec.key_dim)),
+                       dispatch.next_pow2(max(16, spec.value_dim)), interpret, config.num_warps, config.num_stages)
     if config.sharding is not None:
       return _sharded(static, config.sharding, q, k, v, log_decay, initial_state, segment_ids)
     return _linear(static, q, k, v, log_decay, initial_state, segment_ids)

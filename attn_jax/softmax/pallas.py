@@ -39,19 +39,6 @@ assert (flash_common.EMPTY, flash_common.PARTIAL, flash_common.FULL) == (
     block_mask_lib.EMPTY, block_mask_lib.PARTIAL, block_mask_lib.FULL)
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _next_pow2(x: int) -> int:
-  return 1 << max(0, (x - 1).bit_length())
-
-
-def _check_block(owner, name, value, rule, ok):
-  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not ok(value)):
-    raise ValueError(f"{owner}.{name} must be {rule} or None, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class PallasTpuConfig:
   """Tunables of the TPU (Mosaic) kernels.
@@ -79,8 +66,8 @@ class PallasTpuConfig:
 
   def __post_init__(self):
     for name in ("block_q", "block_kv"):
-      _check_block("PallasTpuConfig", name, getattr(self, name), "a positive multiple of 8",
-                   lambda b: b > 0 and b % 8 == 0)
+      dispatch.check_config_int("PallasTpuConfig", name, getattr(self, name), "a positive multiple of 8",
+                                lambda b: b > 0 and b % 8 == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +94,10 @@ class PallasGpuConfig:
 
   def __post_init__(self):
     for name in ("block_q", "block_kv"):
-      _check_block("PallasGpuConfig", name, getattr(self, name), "a power of two >= 16",
-                   lambda b: b >= 16 and b & (b - 1) == 0)
+      dispatch.check_config_int("PallasGpuConfig", name, getattr(self, name), "a power of two >= 16",
+                                lambda b: b >= 16 and b & (b - 1) == 0)
     for name in ("num_warps", "num_stages"):
-      _check_block("PallasGpuConfig", name, getattr(self, name), "a positive int", lambda b: b > 0)
+      dispatch.check_config_int("PallasGpuConfig", name, getattr(self, name), "a positive int", lambda b: b > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +119,8 @@ class _Static:
 
 
 def _tpu_blocks(config: PallasTpuConfig, spec: common.Spec, interpret: bool):
-  bq = config.block_q or min(512, _round_up(spec.q_len, 128))
-  bk = config.block_kv or min(512, _round_up(spec.kv_len, 128))
+  bq = config.block_q or min(512, dispatch.round_up(spec.q_len, 128))
+  bk = config.block_kv or min(512, dispatch.round_up(spec.kv_len, 128))
   if not interpret and (bq % 128 or bk % 128):
     raise ValueError(f"PallasTpuConfig block sizes must be multiples of 128 on TPU hardware, "
                      f"got block_q={bq}, block_kv={bk}")
@@ -142,8 +129,8 @@ def _tpu_blocks(config: PallasTpuConfig, spec: common.Spec, interpret: bool):
 
 def _gpu_blocks(config: PallasGpuConfig, spec: common.Spec):
   big = max(spec.head_dim, spec.v_head_dim) > 128
-  bq = config.block_q or min(64 if big else 128, max(16, _next_pow2(spec.q_len)))
-  bk = config.block_kv or min(32 if big else 64, max(16, _next_pow2(spec.kv_len)))
+  bq = config.block_q or min(64 if big else 128, max(16, dispatch.next_pow2(spec.q_len)))
+  bk = config.block_kv or min(32 if big else 64, max(16, dispatch.next_pow2(spec.kv_len)))
   warps = config.num_warps or (4 if max(spec.head_dim, spec.v_head_dim) <= 64 else 8)
   stages = config.num_stages or 2
   return bq, bk, warps, stages
@@ -201,12 +188,12 @@ def _kernel_kwargs(st: _Static, mask):
 
 def _head_dims(st: _Static):
   if st.platform == "gpu":
-    return (max(16, _next_pow2(st.spec.head_dim)), max(16, _next_pow2(st.spec.v_head_dim)))
+    return (max(16, dispatch.next_pow2(st.spec.head_dim)), max(16, dispatch.next_pow2(st.spec.v_head_dim)))
   return st.spec.head_dim, st.spec.v_head_dim
 
 
 def _padded(st: _Static, q, k, v, q_seg, kv_seg):
-  tq, tk = _round_up(q.shape[1], st.block_q), _round_up(k.shape[1], st.block_kv)
+  tq, tk = dispatch.round_up(q.shape[1], st.block_q), dispatch.round_up(k.shape[1], st.block_kv)
   d, dv = _head_dims(st)
   q = _pad_to(_pad_to(q, 1, tq), 3, d)
   k = _pad_to(_pad_to(k, 1, tk), 3, d)

@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from attn_jax import block_mask as block_mask_lib
+from attn_jax import dispatch
 from attn_jax.softmax import common
 
 _DEFAULT_BLOCK = 512
@@ -57,12 +58,8 @@ class XlaConfig:
         raise ValueError(f"XlaConfig.{name} must be a positive int or None, got {value!r}")
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 def _block(requested: int | None, length: int) -> int:
-  return requested if requested is not None else min(_DEFAULT_BLOCK, _round_up(length, 8))
+  return requested if requested is not None else min(_DEFAULT_BLOCK, dispatch.round_up(length, 8))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +101,7 @@ def _queries_internal(x, st: _Static):
   s = st.spec
   b, t, _, d = x.shape
   x = x.reshape(b, t, s.num_kv_heads, s.group_size, d).transpose(0, 2, 3, 1, 4)
-  return _pad_axis(x, 3, _round_up(t, st.block_q))
+  return _pad_axis(x, 3, dispatch.round_up(t, st.block_q))
 
 
 def _rows_internal(x, st: _Static, value):
@@ -112,12 +109,12 @@ def _rows_internal(x, st: _Static, value):
   s = st.spec
   b, t, _ = x.shape
   x = x.reshape(b, t, s.num_kv_heads, s.group_size).transpose(0, 2, 3, 1)
-  return _pad_axis(x, 3, _round_up(t, st.block_q), value)
+  return _pad_axis(x, 3, dispatch.round_up(t, st.block_q), value)
 
 
 def _keys_internal(x, st: _Static):
   """``[B, Tk, Hkv, X] -> [B, Hkv, Tk_pad, X]``."""
-  return _pad_axis(x.transpose(0, 2, 1, 3), 2, _round_up(x.shape[1], st.block_kv))
+  return _pad_axis(x.transpose(0, 2, 1, 3), 2, dispatch.round_up(x.shape[1], st.block_kv))
 
 
 def _queries_public(x, st: _Static):
