@@ -1,14 +1,22 @@
-"""Speed and compiled memory of attention mechanisms vs sequence length, in CAB's four patterns.
+"""Speed and compiled memory of token mixers vs sequence length, in CAB's four patterns.
 
-A *mechanism* is a named way of computing attention (a primitive, a backend, a mask); new
-mechanisms join by appending to :data:`MECHANISMS`. Each measurement compiles the mechanism for
-one (pattern, length, mode) and records:
+The mechanisms are the efficiency presets of the mixer registry
+(:func:`attn_jax.layers.registry.efficiency_presets`): each names a mixer and its fields, so a
+new mechanism joins by declaring a preset in its own module. Each measurement builds the mixer's
+layer (heads and head dim from :class:`Shape`, no RoPE) and compiles it for one (pattern,
+length, mode): self patterns call the layer on ``x [B, L, heads * head_dim]`` (``causal=False``
+for the non-causal one), cross patterns the entry's cross layer on ``x`` and a memory of
+``L // 2`` tokens; ``fwd_bwd`` differentiates with respect to the input(s) and the parameters.
+Recorded:
 
 * ``time_ms``: median wall time of the compiled call over ``repeats`` runs (after one warm-up;
   on a CPU, one run when the warm-up took over a second);
 * ``temp_mib``: XLA's compiled temporary memory (``memory_analysis().temp_size_in_bytes``),
   the scratch a call needs beyond its inputs and outputs: the quantity that grows as
   ``seq^2`` for materialised attention.
+
+Timing the layer rather than the bare primitive includes its projections (the same work for
+every mechanism of a width, linear in the length), as a model pays them.
 
 CAB's *efficiency length* of a mechanism is the shortest measured length from which it is
 faster (resp. smaller) than the dense baseline at that and every longer measured length.
@@ -20,17 +28,15 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-import attn_jax
-from attn_jax import masks
-from attn_jax import mechanisms
+from attn_jax.layers import registry
 
 # CAB's four attention patterns. Cross patterns attend from q_len = L queries to kv_len = L // 2
-# keys; causal cross aligns the last query with the last key (bottom-right).
+# memory tokens; causal cross sees memory positions j <= i.
 PATTERNS = {
     "noncausal_self": dict(cross=False, causal=False),
     "causal_self": dict(cross=False, causal=True),
@@ -42,59 +48,41 @@ MODES = ("fwd", "fwd_bwd")
 
 @dataclasses.dataclass(frozen=True)
 class Mechanism:
-  """A benchmarked attention variant.
+  """An efficiency preset of the registry, as the suite runs it.
 
   Attributes:
-    name: row label in the report.
-    fn: ``fn(q, k, v, causal) -> out`` in the ``[B, T, H, D]`` layout.
-    baseline: True for the dense reference that efficiency lengths are measured against.
-    patterns: the CAB patterns the mechanism has a form for (None: all four); the benchmark
-      skips the others.
+    name: row label in the report (the preset's name).
+    mixer: the registry entry.
+    fields: the entry's fields, ``((name, value), ...)``.
+    patterns: the CAB patterns it has a form for; the suite skips the others.
+    baseline: the dense reference that efficiency lengths are measured against.
+    default: part of the suite's default list.
   """
 
   name: str
-  fn: Callable[..., jax.Array]
+  mixer: str
+  fields: tuple = ()
+  patterns: tuple[str, ...] = ()
   baseline: bool = False
-  patterns: tuple[str, ...] | None = None
+  default: bool = True
 
   def supports(self, pattern: str) -> bool:
-    return self.patterns is None or pattern in self.patterns
+    return pattern in self.patterns
 
 
-def _softmax(implementation, window=None, sinks=0):
-  def fn(q, k, v, causal):
-    mask = masks.causal() if causal else None
-    if window is not None:
-      local = masks.sliding_window(window - 1) if causal else masks.sliding_window(window // 2, window // 2)
-      if sinks:
-        local = local | masks.sink_tokens(sinks)
-      mask = local if mask is None else mask & local
-    return attn_jax.attention(q, k, v, mask=mask, implementation=implementation)
-  return fn
+def mechanisms() -> list[Mechanism]:
+  """Every efficiency preset of the registry whose mixer can run here, in registry order."""
+  out = []
+  for name, (entry, preset) in registry.efficiency_presets().items():
+    if not entry.is_available:
+      continue
+    patterns = tuple(p for p in preset.patterns if not PATTERNS[p]["cross"] or entry.cross_layer is not None)
+    out.append(Mechanism(name, entry.name, tuple(preset.fields), patterns, preset.baseline, preset.default))
+  return out
 
 
-def _linear(implementation, lightning=False):
-  """Linear attention: elu+1 features, normalised (Katharopoulos et al.), or Lightning's decays.
-
-  Causal cross attention (q and k/v of different lengths) has no linear-attention form, and a
-  decay orders the tokens, so Lightning has the causal self pattern only.
-  """
-  def fn(q, k, v, causal):
-    if lightning:
-      slopes = mechanisms.lightning_slopes(k.shape[2])
-      return mechanisms.lightning_attention(q, k, v, slopes, implementation=implementation)
-    return attn_jax.linear_attention(q, k, v, feature_map="elu_plus_one", normalize=True, causal=causal,
-                                     implementation=implementation)
-  return fn
-
-
-MECHANISMS = [
-    Mechanism("dense (reference)", _softmax("reference"), baseline=True),
-    Mechanism("flash (xla)", _softmax("xla")),
-    Mechanism("window256+4sinks (xla)", _softmax("xla", window=256, sinks=4)),
-    Mechanism("linear elu+1 (xla)", _linear("xla"), patterns=("noncausal_self", "causal_self", "noncausal_cross")),
-    Mechanism("lightning (xla)", _linear("xla", lightning=True), patterns=("causal_self",)),
-]
+def baseline_name() -> str:
+  return next(m.name for m in mechanisms() if m.baseline)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,46 +94,67 @@ class Shape:
   dtype: str = "float32"
 
 
-def _inputs(shape: Shape, q_len: int, kv_len: int):
-  ks = jax.random.split(jax.random.PRNGKey(0), 3)
-  dt = jnp.dtype(shape.dtype)
-  q = jax.random.normal(ks[0], (shape.batch, q_len, shape.heads, shape.head_dim), dt)
-  k = jax.random.normal(ks[1], (shape.batch, kv_len, shape.kv_heads, shape.head_dim), dt)
-  v = jax.random.normal(ks[2], (shape.batch, kv_len, shape.kv_heads, shape.head_dim), dt)
-  return q, k, v
+def _layer(mech: Mechanism, pattern: str, shape: Shape):
+  """``(graphdef, params, call)``: the preset's layer for ``pattern``; ``call(layer, x, memory)``."""
+  p = PATTERNS[pattern]
+  kv_heads = None if shape.kv_heads == shape.heads else shape.kv_heads
+  config = registry.mixer_config(mech.mixer, num_heads=shape.heads, num_kv_heads=kv_heads,
+                                 head_dim=shape.head_dim, causal=p["causal"], rope=0, **dict(mech.fields))
+  dim, dt = shape.heads * shape.head_dim, jnp.dtype(shape.dtype)
+  kw = dict(rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt)
+  if p["cross"]:
+    layer = registry.build_cross(config, dim, **kw)
+    call = lambda layer, x, memory: layer(x, memory)
+  else:
+    layer = registry.build(config, dim, **kw)
+    call = lambda layer, x, memory: layer(x, positions=jnp.arange(x.shape[1])[None])
+  graphdef, params = nnx.split(layer)
+  return graphdef, params, call
+
+
+def time_and_memory(fn, args, repeats: int) -> dict:
+  """Compiles ``fn(*args)``; returns ``temp_mib`` (XLA's temporary memory) and ``time_ms`` (median
+  wall time of the compiled call over ``repeats`` runs after one warm-up)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  mem = compiled.memory_analysis()
+  out = {"temp_mib": mem.temp_size_in_bytes / 2**20 if mem is not None else math.nan}
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  # On a CPU a call that takes over a second varies little between runs: one timed run is
+  # enough, which keeps the embedded default's long dense cases affordable. Accelerators keep
+  # every repeat (a first call there can include one-time autotuning).
+  if jax.devices()[0].platform == "cpu" and time.perf_counter() - start > 1.0:
+    repeats = 1
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  out["time_ms"] = 1e3 * statistics.median(times)
+  return out
 
 
 def measure(mech: Mechanism, pattern: str, seq_len: int, mode: str, shape: Shape, repeats: int) -> dict:
   """One measurement; returns a JSON-ready record (``error`` set if the mechanism failed)."""
   p = PATTERNS[pattern]
   kv_len = max(1, seq_len // 2) if p["cross"] else seq_len
-  q, k, v = _inputs(shape, seq_len, kv_len)
-  record = dict(mechanism=mech.name, pattern=pattern, seq_len=seq_len, kv_len=kv_len, mode=mode)
-
-  def fwd(q, k, v):
-    return mech.fn(q, k, v, p["causal"])
-
-  if mode == "fwd":
-    fn = fwd
-  else:
-    fn = jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  record = dict(mechanism=mech.name, mixer=mech.mixer, pattern=pattern, seq_len=seq_len, kv_len=kv_len,
+                mode=mode)
   try:
-    compiled = jax.jit(fn).lower(q, k, v).compile()
-    mem = compiled.memory_analysis()
-    record["temp_mib"] = mem.temp_size_in_bytes / 2**20 if mem is not None else math.nan
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(q, k, v))
-    # On a CPU a call that takes over a second varies little between runs: one timed run is
-    # enough, which keeps the embedded default's long dense cases affordable. Accelerators keep
-    # every repeat (a first call there can include one-time autotuning).
-    if q.devices().pop().platform == "cpu" and time.perf_counter() - start > 1.0:
-      repeats = 1
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(q, k, v))
-      times.append(time.perf_counter() - start)
-    record["time_ms"] = 1e3 * statistics.median(times)
+    graphdef, params, call = _layer(mech, pattern, shape)
+    dim, dt = shape.heads * shape.head_dim, jnp.dtype(shape.dtype)
+    kx, km = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (shape.batch, seq_len, dim), dt)
+    memory = jax.random.normal(km, (shape.batch, kv_len, dim), dt) if p["cross"] else None
+
+    def fwd(params, x, memory):
+      return call(nnx.merge(graphdef, params), x, memory)
+
+    if mode == "fwd":
+      fn = fwd
+    else:
+      fn = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2) if p["cross"] else (0, 1))
+    record.update(time_and_memory(fn, (params, x, memory), repeats))
   except Exception as e:  # A mechanism that cannot run a case is reported, not fatal.
     record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
   return record
@@ -153,7 +162,7 @@ def measure(mech: Mechanism, pattern: str, seq_len: int, mode: str, shape: Shape
 
 def efficiency_lengths(records: list[dict]) -> list[dict]:
   """CAB efficiency lengths per (mechanism, pattern, mode) against the baseline mechanism."""
-  baseline = next(m.name for m in MECHANISMS if m.baseline)
+  baseline = baseline_name()
   index = {(r["mechanism"], r["pattern"], r["mode"], r["seq_len"]): r for r in records}
   out = []
   keys = sorted({(r["mechanism"], r["pattern"], r["mode"]) for r in records if r["mechanism"] != baseline})

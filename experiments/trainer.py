@@ -41,6 +41,7 @@ from attn_jax import models
 from attn_jax import sharding
 from experiments import builders
 from experiments import checkpointing
+from experiments import compat
 from experiments import data as data_lib
 from experiments import metrics as metrics_lib
 
@@ -209,17 +210,22 @@ def train(config, workdir: str | None = None, *, show_progress: bool = True, des
   log = lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None
   if workdir is not None:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    if is_main:
-      _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
     if config.checkpoint.every > 0:
       ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                         every=config.checkpoint.every, keep=config.checkpoint.keep,
                                         async_save=config.checkpoint.async_save)
-      restored = ckpt.restore_latest(checkpointing.abstract_like(state), log=log)
+      try:
+        restored = ckpt.restore_latest(checkpointing.abstract_like(state), log=log)
+      except checkpointing.IncompatibleCheckpointError as e:
+        ckpt.close()
+        raise checkpointing.IncompatibleCheckpointError(f"{e}{compat.workdir_hint(workdir)}") from None
       if restored is not None:
         state, meta = restored
         start = int(meta["data_position"])
         log(f"resumed from checkpoint {meta['step']} (data position {start})")
+    # Written after the restore, so that a refused resume leaves the run's own config.json.
+    if is_main:
+      _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   writer = metrics_lib.Writer(os.path.join(workdir, "tensorboard") if workdir else None, enabled=is_main)
   progress = metrics_lib.Progress(start, total_steps, config.batch_size * source.tokens_per_example,
                                   enabled=show_progress and is_main, desc=desc, leave=leave_progress)

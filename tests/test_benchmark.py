@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_measure_and_efficiency_lengths():
   shape = efficiency.Shape(batch=1, heads=2, kv_heads=1, head_dim=8)
   records = []
-  mechs = [m for m in efficiency.MECHANISMS if m.supports("causal_cross")]
+  mechs = [m for m in efficiency.mechanisms() if m.supports("causal_cross")]
+  assert {m.name for m in mechs} == {"dense (reference)", "flash (xla)"}
   for mech in mechs:
     for n in (32, 64):
       records.append(efficiency.measure(mech, "causal_cross", n, "fwd_bwd", shape, repeats=1))
@@ -53,7 +54,8 @@ def test_command_line_writes_report(tmp_path):
   payload = json.loads((tmp_path / "results.json").read_text())
   assert payload["environment"]["jax_version"]
   # Two lengths per (mechanism, pattern) that the mechanism has a form for.
-  expected = sum(2 * m.supports(p) for m in efficiency.MECHANISMS for p in ("noncausal_self", "causal_cross"))
+  expected = sum(2 * m.supports(p) for m in efficiency.mechanisms() if m.default
+                 for p in ("noncausal_self", "causal_cross"))
   assert len(payload["efficiency"]) == expected
   assert (tmp_path / "report.md").read_text().startswith("# attn_jax efficiency benchmark")
 
@@ -63,6 +65,31 @@ def test_command_line_rejects_unknown_mechanism(tmp_path):
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "--mechanisms: unknown ['nope']" in result.stderr
+
+
+def test_list_prints_the_registry():
+  from attn_jax.layers import registry
+  result = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--list"], cwd=ROOT, check=True,
+                          capture_output=True, text=True, timeout=120)
+  lines = result.stdout.splitlines()
+  assert lines[0].split()[:4] == ["name", "family", "decode", "cache"] and "backends here (cpu)" in lines[0]
+  for entry in registry.entries():
+    row = next(line for line in lines if line.startswith(entry.name + " "))
+    assert (entry.family or "-") in row and entry.paper in row
+    assert (entry.cache.__name__ if entry.cache else "none") in row
+    assert ("xla" in row) == (entry.family is not None)
+  assert "based: " in result.stdout and "quality presets: based (default)" in result.stdout
+
+
+def test_efficiency_presets_of_every_entry_run(monkeypatch):
+  """Every efficiency preset of the registry measures (one tiny case per preset)."""
+  shape = efficiency.Shape(batch=1, heads=2, kv_heads=2, head_dim=8)
+  for mech in efficiency.mechanisms():
+    pattern = "causal_self" if mech.supports("causal_self") else mech.patterns[0]
+    n = 128 if mech.mixer == "neighborhood" else 32  # its preset's kernel of 64 needs 64 tokens
+    record = efficiency.measure(mech, pattern, n, "fwd", shape, repeats=1)
+    assert "error" not in record, record
+    assert record["time_ms"] > 0 and record["mixer"] == mech.mixer
 
 
 def test_kernel_suite_layouts_and_ideal_ratio():

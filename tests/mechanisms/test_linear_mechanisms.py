@@ -173,3 +173,46 @@ def test_mechanism_argument_errors():
     mechanisms.lightnet_attention(jnp.zeros((1, 2, 4, 2, 4)), jnp.zeros((1, 2, 4, 2, 4)), jnp.zeros((1, 2, 4, 2, 4)))
   with pytest.raises(ValueError, match="must not be longer than the sequence"):
     mechanisms.jrt_prefix_linear_attention(x, x, x, jnp.zeros((1, 9, 2, 4)), jnp.zeros((1, 9, 2, 4)))
+
+
+def test_final_states_continue_the_sequence():
+  """aaren / lightnet_attention with return_final_state, then their step functions, equal the full
+  call on the longer sequence (the decoding path of their mixers)."""
+  b, t, h, d = 2, 13, 2, 4
+  query, k, v = _normal(30, h, d), _normal(31, b, t, h, d), _normal(32, b, t, h, 3)
+  q = _normal(33, b, t, h, d)
+  full = mechanisms.aaren(query, k, v)
+  o, state = mechanisms.aaren(query, k[:, :9], v[:, :9], return_final_state=True)
+  tolerances.assert_close(o, full[:, :9], jnp.float32, "aaren prefix")
+  for i in range(9, t):
+    state, o_t = mechanisms.aaren_step(state, query, k[:, i], v[:, i])
+    tolerances.assert_close(o_t, full[:, i], jnp.float32, f"aaren step {i}")
+
+  full = mechanisms.lightnet_attention(q, k, v, chunk_size=4)
+  o, state = mechanisms.lightnet_attention(q[:, :9], k[:, :9], v[:, :9], chunk_size=4, return_final_state=True)
+  tolerances.assert_close(o, full[:, :9], jnp.float32, "lightnet prefix")
+  for i in range(9, t):
+    state, o_t = mechanisms.lightnet_step(state, q[:, i], k[:, i], v[:, i])
+    tolerances.assert_close(o_t, full[:, i], jnp.float32, f"lightnet step {i}")
+  # From the empty state (Z = -inf) the steps alone also give the whole sequence.
+  state = mechanisms.lightnet_init_state(b, h, d, 3)
+  for i in range(t):
+    state, o_t = mechanisms.lightnet_step(state, q[:, i], k[:, i], v[:, i])
+    tolerances.assert_close(o_t, full[:, i], jnp.float32, f"lightnet step {i} from empty")
+  with pytest.raises(ValueError, match="return_final_state needs causal=True"):
+    mechanisms.lightnet_attention(q, k, v, causal=False, return_final_state=True)
+
+
+def test_short_conv_history_and_segments():
+  x, w = _normal(34, 2, 9, 3), _normal(35, 4, 3)
+  whole = mechanisms.short_conv(x, w)
+  # Continuing from the last W - 1 inputs (decoding) equals the convolution of the whole sequence.
+  tolerances.assert_close(mechanisms.short_conv(x[:, 5:], w, history=x[:, 2:5]), whole[:, 5:], jnp.float32,
+                          "history")
+  # Packed documents: the second document's outputs equal convolving it alone.
+  seg = jnp.broadcast_to((jnp.arange(9) >= 4).astype(jnp.int32), (2, 9))
+  packed = mechanisms.short_conv(x, w, segment_ids=seg)
+  tolerances.assert_close(packed[:, 4:], mechanisms.short_conv(x[:, 4:], w), jnp.float32, "segments")
+  tolerances.assert_close(packed[:, :4], whole[:, :4], jnp.float32, "first document")
+  with pytest.raises(ValueError, match=r"history must have shape \[B, W - 1, C\]"):
+    mechanisms.short_conv(x, w, history=x[:, :2])
