@@ -331,8 +331,6 @@ registry.register(registry.MixerEntry(
                                description="sliding window of seq_len / 4 plus 4 sink tokens"),
         registry.QualityPreset("chunked", lambda t: dict(chunk_size=_quarter(t)),
                                description="chunked causal attention, chunks of seq_len / 4"),
-        registry.QualityPreset("prefix_lm", lambda t: dict(mask=masks_lib.prefix_lm(t.prefix_len)),
-                               description="bidirectional over the task's context, causal after it"),
     ),
     efficiency=(
         registry.EfficiencyPreset("dense (reference)", (("implementation", "reference"),), baseline=True,
