@@ -103,3 +103,22 @@ def test_removed_flags_are_explained():
               "linear_decay", "linear_window", "neighborhood"):
     flags_ = compat.legacy_flags(old, seq_len=64)
     builders.mixer_schedule(_parse(MQAR, *flags_).model)
+
+
+def test_every_quality_preset_builds_its_cell():
+  """The quality suite can run any entry: each preset's cell parses as experiments.train would
+  (its overrides are command-line flags), builds its model and sizes its decoding state."""
+  from attn_jax.layers import registry
+  from experiments import quality
+  settings = quality.Settings(seq_len=32, num_kv_pairs=4, vocab_size=32)
+  presets = registry.quality_presets()
+  assert set(layers.mixer_names()) <= set(presets) and "based" in quality.default_presets()
+  for name, (entry, _) in presets.items():
+    overrides = quality.cell_overrides(settings, name, 16, 1e-2)
+    config = _parse(MQAR, *[f"--config.{k}={v}" for k, v in overrides.items()])
+    assert config.model.mixer == entry.name
+    model = nnx.eval_shape(builders.model_factory(config, data.make_source(config.data, config.seed)))
+    assert isinstance(model.blocks[0].mixer, entry.layer)
+    assert quality.state_floats(config) > 0, name
+  with pytest.raises(ValueError, match="quality preset must be one of"):
+    quality.preset_overrides("nope", settings)
