@@ -75,6 +75,19 @@ def test_tiny_lm_trains_one_step(name):
   assert np.isfinite(float(step(new_params)[0]))
 
 
+@pytest.mark.parametrize("name", layers.mixer_names())
+def test_every_parameter_has_logical_axes_for_sharding(name):
+  """The model zoo's sharding rules place a mixer's parameters by their logical axis names, so
+  every parameter names one per dimension, and per-head projections split over heads."""
+  layer = nnx.eval_shape(lambda: layers.build_mixer(layers.mixer_config(name, num_heads=4), 32, rngs=nnx.Rngs(0)))
+  heads_split = 0
+  for path, param in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
+    axes = param.get_metadata().get("logical_axes")
+    assert axes is not None and len(axes) == len(param.get_value().shape), (name, path, axes)
+    heads_split += "heads" in axes or "kv_heads" in axes or "mlp" in axes
+  assert heads_split >= 2, name
+
+
 def test_mixer_config_errors_name_the_mechanism_and_its_fields():
   with pytest.raises(ValueError, match=r"mixer must be one of \[.*'softmax'.*\], got 'flash9'"):
     layers.mixer_config("flash9")

@@ -53,8 +53,8 @@ class GLAConfig(registry.MixerConfig):
         raise self.error(f"{name} must be a positive float, got {value!r}")
 
   def key_dim(self, dim: int) -> int:
-    d = max(1, int(self.head_dim_for(dim) * self.expand_k))
-    return d
+    """Query/key width per head: ``expand_k * head_dim``, at least 1."""
+    return max(1, int(self.head_dim_for(dim) * self.expand_k))
 
 
 class GatedLinearAttention(nnx.Module):

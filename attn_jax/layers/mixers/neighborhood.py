@@ -63,11 +63,11 @@ class NeighborhoodConfig(registry.MixerConfig):
   def decodes(self) -> bool:
     """Causal, stride 1 and one axis (an int or a 1-tuple per field): a dilated causal window."""
     one_axis = all(not isinstance(v, tuple) or len(v) == 1 for v in (self.kernel_size, self.stride, self.dilation))
-    first = lambda v: v[0] if isinstance(v, tuple) else v
-    return self.causal and one_axis and first(self.stride) == 1 and self.rope <= 1
+    return self.causal and one_axis and _first(self.stride) == 1 and self.rope <= 1
 
 
 def _first(v):
+  """The value of a 1D per-axis field (an int or a 1-tuple)."""
   return v[0] if isinstance(v, tuple) else v
 
 

@@ -75,9 +75,8 @@ class SoftmaxConfig(registry.MixerConfig):
       raise self.error("chunk_size (chunked causal attention) needs causal=True")
     if self.rope_in_cache not in ROPE_MODES:
       raise self.error(f"rope_in_cache must be one of {ROPE_MODES}, got {self.rope_in_cache!r}")
-    for name in ("learned_sinks",):
-      if not isinstance(getattr(self, name), bool):
-        raise self.error(f"{name} must be a bool, got {getattr(self, name)!r}")
+    if not isinstance(self.learned_sinks, bool):
+      raise self.error(f"learned_sinks must be a bool, got {self.learned_sinks!r}")
     for name in ("shard_map", "rolling_cache"):
       if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
         raise self.error(f"{name} must be a bool or None, got {getattr(self, name)!r}")
