@@ -122,3 +122,18 @@ def test_every_quality_preset_builds_its_cell():
     assert quality.state_floats(config) > 0, name
   with pytest.raises(ValueError, match="quality preset must be one of"):
     quality.preset_overrides("nope", settings)
+
+
+def test_zoology_setting_is_the_papers_mqar():
+  """--mqar_setting=zoology: Zoology / Based's MQAR (widths 64-512, 256 tokens, 64 key-value
+  pairs, vocabulary 8192), whose cells build (the run itself needs an accelerator)."""
+  from experiments import quality
+  z = quality.SETTINGS["zoology"]
+  assert (z.widths, z.seq_len, z.num_kv_pairs, z.vocab_size, z.num_layers) == ((64, 128, 256, 512), 256, 64, 8192, 2)
+  assert len(z.learning_rates) == 4 and min(z.learning_rates) == 1e-4 and max(z.learning_rates) == 1e-2
+  overrides = quality.cell_overrides(z, "based", 512, z.learning_rates[0])
+  config = _parse(MQAR, *[f"--config.{k}={v}" for k, v in overrides.items()])
+  source = data.make_source(config.data, config.seed)
+  assert source.tokens_per_example == 256 and source.model_fields["vocab_size"] == 8192
+  model = nnx.eval_shape(builders.model_factory(config, source))
+  assert model.config.dim == 512 and isinstance(model.blocks[0].mixer, layers.BasedAttention)
