@@ -50,8 +50,8 @@ The mixer protocol (every ``layer`` implements it)::
   (:mod:`attn_jax.layers.nn`), so the model zoo's sharding rules place them.
 
 Adding a mechanism: write ``attn_jax/layers/mixers/<name>.py`` with its config, layer and a
-``registry.register(MixerEntry(...))`` call, and import it in ``attn_jax/layers/mixers/__init__.py``
-(README: "Adding a mechanism").
+``registry.register(MixerEntry(...))`` call; the package imports every module of
+``attn_jax/layers/mixers/`` (README: "Adding a mechanism").
 """
 
 from __future__ import annotations

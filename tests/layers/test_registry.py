@@ -39,6 +39,14 @@ def test_registry_has_every_mechanism_built_so_far():
     assert layers.mixer_config(name).mixer == name
 
 
+def test_every_module_of_the_mixers_package_is_a_registered_mechanism():
+  import pkgutil
+  from attn_jax.layers import mixers
+  modules = {m.name for m in pkgutil.iter_modules(mixers.__path__)} - {"common"}
+  registered = {registry.get(n).layer.__module__.rsplit(".", 1)[1] for n in layers.mixer_names()}
+  assert modules == registered
+
+
 @pytest.mark.parametrize("name", layers.mixer_names())
 def test_generate_with_cache_equals_full_recomputation(name):
   cfg = _tiny_lm(name)

@@ -1,6 +1,13 @@
 """The registered token mixers: one module per mechanism, each declaring its typed config, its
-layer and its registry entry (:mod:`attn_jax.layers.registry`). Importing a module registers it;
-the order below is the registry's (``mixer_names()``, ``--list``, the README table)."""
+layer and its registry entry (:mod:`attn_jax.layers.registry`). Importing a module registers it.
+
+The mechanisms below come first, in this order (that of ``mixer_names()``, ``--list`` and the
+README table); every other module of this package is imported after them, alphabetically, so a
+new mechanism needs only its own file (``common.py`` holds shared pieces, not a mixer).
+"""
+
+import importlib as _importlib
+import pkgutil as _pkgutil
 
 from attn_jax.layers.mixers import softmax
 from attn_jax.layers.mixers import neighborhood
@@ -13,3 +20,7 @@ from attn_jax.layers.mixers import retnet
 from attn_jax.layers.mixers import lightnet
 from attn_jax.layers.mixers import aaren
 from attn_jax.layers.mixers import gla
+
+for _module in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
+  if _module != "common":
+    _importlib.import_module(f"{__name__}.{_module}")
