@@ -6,9 +6,9 @@ needs no download (about 8 minutes on a 2-core CPU)::
     python -m experiments.benchmark
 
 * quality: MQAR recall accuracy of small LMs trained with each default quality preset of the
-  mixer registry (softmax, sliding window, linear, Based), over model widths, with the size of
-  each model's decoding state (:mod:`experiments.quality`); ``--quality_mechanisms`` runs any
-  entry or preset (``--quality_mechanisms=based,gla,jrt,retnet``);
+  mixer registry (softmax, sliding window, linear, Based with feature dim 8), over model widths,
+  with the size of each model's decoding state (:mod:`experiments.quality`);
+  ``--quality_mechanisms`` runs any entry or preset (``--quality_mechanisms=based,gla,jrt,retnet``);
 * efficiency: forward and forward+backward time and compiled memory vs sequence length for the
   registry's efficiency presets (:mod:`experiments.efficiency`) in CAB's four patterns, and CAB's
   efficiency lengths.

@@ -78,7 +78,7 @@ def test_list_prints_the_registry():
     assert (entry.family or "-") in row and entry.paper in row
     assert (entry.cache.__name__ if entry.cache else "none") in row
     assert ("xla" in row) == (entry.family is not None)
-  assert "based: " in result.stdout and "quality presets: based (default)" in result.stdout
+  assert "based: " in result.stdout and "quality presets: based, based_f8 (default)" in result.stdout
 
 
 def test_efficiency_presets_of_every_entry_run(monkeypatch):

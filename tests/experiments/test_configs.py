@@ -112,7 +112,7 @@ def test_every_quality_preset_builds_its_cell():
   from experiments import quality
   settings = quality.Settings(seq_len=32, num_kv_pairs=4, vocab_size=32)
   presets = registry.quality_presets()
-  assert set(layers.mixer_names()) <= set(presets) and "based" in quality.default_presets()
+  assert set(layers.mixer_names()) <= set(presets) and "based_f8" in quality.default_presets()
   for name, (entry, _) in presets.items():
     overrides = quality.cell_overrides(settings, name, 16, 1e-2)
     config = _parse(MQAR, *[f"--config.{k}={v}" for k, v in overrides.items()])
