@@ -42,10 +42,13 @@ The mixer protocol (every ``layer`` implements it)::
 
     y, cache = layer.decode(x, cache, *, position, **inputs)
         # One token x [B, 1, dim] at `position` (a traced int32 scalar shared by the batch).
+        # **inputs of prefill / decode: per-token inputs for those tokens, when the model has
+        #   them (models.generate passes none today: a mixer that needs some while decoding
+        #   extends generate and the models' prefill / decode to forward them).
 
   Contract (tested for every entry): prefill followed by decode steps gives the outputs of the
   full call on the whole sequence (up to float tolerance); a causal mixer's output at t does not
-  depend on tokens after t. ``layer_index`` / ``num_layers`` tell the layer its depth (Lightning
+  depend on tokens after t (JRT's prefix, read twice, is the documented exception). ``layer_index`` / ``num_layers`` tell the layer its depth (Lightning
   scales its decays by it). Parameters are ``nnx.Param`` with logical axis names
   (:mod:`attn_jax.layers.nn`), so the model zoo's sharding rules place them.
 
