@@ -1,7 +1,7 @@
 r"""The attention benchmark: which mechanism for my task and my sequence length?
 
 Default (``--suite=all``): both halves of a CAB-style comparison on an embedded default that
-needs no download (about 8 minutes on a 2-core CPU)::
+needs no download (about 8.5 minutes on an idle 2-core CPU)::
 
     python -m experiments.benchmark
 
