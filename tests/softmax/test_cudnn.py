@@ -167,20 +167,6 @@ def test_work_ratio_is_a_tunable():
     attn_jax.attention(q, k, v, config=attn_jax.CudnnConfig())
 
 
-def _spy_registry(monkeypatch, calls):
-  """Records which backends dispatch tries; runs pallas_gpu in interpret mode on this CPU."""
-  table = dispatch._REGISTRY["softmax"]
-  for name in ("cudnn", "pallas_gpu", "xla"):
-    original = table[name]
-
-    def fn(*args, _name=name, _original=original, **kwargs):
-      calls.append(_name)
-      if _name == "pallas_gpu":
-        kwargs["config"] = attn_jax.PallasGpuConfig(interpret=True)
-      return _original(*args, **kwargs)
-    monkeypatch.setitem(table, name, fn)
-
-
 @pytest.mark.parametrize("case", ["window_with_sink_tokens", "causal_without_cudnn_library"])
 def test_dispatch_on_gpu_falls_through_to_pallas(case, monkeypatch):
   """On a (simulated) GPU, cuDNN is tried first; a call it refuses, or any call on a jax without
@@ -188,7 +174,7 @@ def test_dispatch_on_gpu_falls_through_to_pallas(case, monkeypatch):
   monkeypatch.setattr(dispatch, "current_platform", lambda: "gpu")
   assert dispatch.platform_order("softmax") == ("cudnn", "pallas_gpu", "xla")
   calls = []
-  _spy_registry(monkeypatch, calls)
+  helpers.spy_registry(monkeypatch, calls, attn_jax.PallasGpuConfig(interpret=True))
   mask = masks.sliding_window(6) | masks.sink_tokens(2) if case.startswith("window") else masks.causal()
   q, k, v, _, d_out, _ = helpers.make_inputs(5, 1, 24, 24, 2, 1, 16, 16, jnp.bfloat16)
   got = _grads(lambda q, k, v: attn_jax.attention(q, k, v, mask=mask), q, k, v, d_out)
@@ -203,7 +189,7 @@ def test_dispatch_on_gpu_takes_cudnn_when_it_serves(monkeypatch):
   monkeypatch.setattr(dispatch, "current_platform", lambda: "gpu")
   monkeypatch.setattr(cudnn, "_JAX_IMPLEMENTATION", "xla")
   calls = []
-  _spy_registry(monkeypatch, calls)
+  helpers.spy_registry(monkeypatch, calls, attn_jax.PallasGpuConfig(interpret=True))
   q, k, v, *_ = helpers.make_inputs(6, 1, 24, 40, 2, 2, 16, 16, jnp.bfloat16)
   out = attn_jax.attention(q, k, v, mask=masks.causal())
   assert calls == ["cudnn"]
