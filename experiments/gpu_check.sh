@@ -33,7 +33,7 @@ fi
 nvidia-smi > "$out/nvidia_smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$out/nvidia_smi.txt"
 
 test_budget=$(( budget * 35 / 100 ))
-timeout -k 10 "$test_budget" "$py" -m pytest --gpu -m gpu tests/gpu -n 4 -q -p no:cacheprovider -rfE \
+timeout -k 10 "$test_budget" "$py" -m pytest --gpu -m gpu tests/gpu -n 4 --dist loadgroup -q -p no:cacheprovider -rfE \
   --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1
 echo "gpu tests: exit $? after $(( $(date +%s) - start )) s (timeout exit is 124)"
 tail -n 25 "$out/gpu_tests.log"

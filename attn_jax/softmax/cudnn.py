@@ -301,14 +301,15 @@ def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spe
   _check_nvidia_gpu()
   try:
     out = apply(plan_, q, k, v, scale=spec.scale, implementation=_JAX_IMPLEMENTATION)
+  except NotImplementedError as e:
+    # jax's own trace-time checks: head dims above 128 before Hopper, and under differentiation
+    # odd sequence lengths ("Unsupported sequence length Q 1, KV 4096" in jax 0.10 and 0.11).
+    # (Caught before RuntimeError, of which NotImplementedError is a subclass.)
+    raise NotImplementedError(f"jax's cuDNN path refused the call: {e}") from e
   except RuntimeError as e:
     # jax raises RuntimeError when its CUDA plugin finds no cuDNN library: on such a machine the
     # call cannot be served, and dispatch must move on to the Pallas kernel.
     if "cudnn" not in str(e).lower():
       raise
     raise NotImplementedError(f"cuDNN is not usable in this installation: {e}") from e
-  except NotImplementedError as e:
-    # jax's own trace-time checks: head dims above 128 before Hopper, and under differentiation
-    # odd sequence lengths ("Unsupported sequence length Q 1, KV 4096" in jax 0.10 and 0.11).
-    raise NotImplementedError(f"jax's cuDNN path refused the call: {e}") from e
   return out, None

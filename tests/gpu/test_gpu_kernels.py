@@ -74,6 +74,9 @@ def test_pallas_gpu_softmax(case, dtype):
                            s if sinks else None, d_out, d_lse, factor=_factor(dtype), **kwargs)
 
 
+# The two 32k cases share one xdist worker (gpu_check.sh runs `-n 4 --dist loadgroup`), so that
+# their references (each tens of GiB at the peak) never hold the GPU's memory at the same time.
+@pytest.mark.xdist_group("32k")
 @pytest.mark.parametrize("implementation", ["pallas_gpu", "cudnn"])
 def test_causal_32k_tokens(implementation):
   """One long sequence per softmax kernel: 32768 tokens, causal, GQA, bf16, forward + backward

@@ -150,6 +150,28 @@ def test_refusals_name_the_feature(case):
     attn_jax.attention(q, k, v, implementation="cudnn", **kwargs)
 
 
+def test_jax_refusals_are_named_and_other_errors_pass(monkeypatch):
+  """jax's own NotImplementedError (e.g. odd lengths under differentiation) becomes a named
+  refusal that dispatch can skip; other errors are not turned into refusals."""
+  monkeypatch.setattr(cudnn, "_check_nvidia_gpu", lambda: None)
+  q, k, v, *_ = helpers.make_inputs(0, 1, 16, 16, 2, 2, 16, 16, jnp.bfloat16)
+
+  def raising(error):
+    def apply(*args, **kwargs):
+      raise error
+    return apply
+  monkeypatch.setattr(cudnn, "apply", raising(NotImplementedError("Unsupported sequence length Q 63, KV 63.")))
+  with pytest.raises(NotImplementedError, match="jax's cuDNN path refused the call: Unsupported sequence length"):
+    attn_jax.attention(q, k, v, mask=masks.causal(), implementation="cudnn")
+  monkeypatch.setattr(cudnn, "apply", raising(RuntimeError("cuDNN not found.")))
+  with pytest.raises(NotImplementedError, match="cuDNN is not usable in this installation"):
+    attn_jax.attention(q, k, v, mask=masks.causal(), implementation="cudnn")
+  monkeypatch.setattr(cudnn, "apply", raising(RuntimeError("out of memory")))
+  with pytest.raises(RuntimeError, match="out of memory") as info:
+    attn_jax.attention(q, k, v, mask=masks.causal(), implementation="cudnn")
+  assert not isinstance(info.value, NotImplementedError)
+
+
 def test_work_ratio_is_a_tunable():
   spec = _spec(masks.causal(), 8, 64, 2, 2, 16)
   with pytest.raises(NotImplementedError, match="max_work_ratio"):
