@@ -1,7 +1,9 @@
 """The ``cudnn`` backend: cuDNN's fused flash attention through ``jax.nn.dot_product_attention``.
 
-On an NVIDIA GPU cuDNN is the fastest kernel for the calls it serves (dense, causal, causal
-sliding windows, GQA, bf16/f16). It sees the attention problem only through the arguments of
+On an NVIDIA GPU cuDNN is expected to be the fastest kernel for the calls it serves (dense,
+causal, causal sliding windows, GQA, bf16/f16): published H100 figures put it at 600-740 TFLOP/s
+against 360-420 for Pallas Triton flash kernels; this project's own figures come from
+``experiments/gpu_check.py``. It sees the attention problem only through the arguments of
 ``jax.nn.dot_product_attention`` (identical in jax 0.10 and 0.11): ``is_causal`` (a diagonal
 through the top-left corner), ``local_window_size=(left, 0)`` together with ``is_causal`` (a
 band ending at that diagonal), per-sequence ``query_seq_lengths`` / ``key_value_seq_lengths``,
@@ -47,6 +49,7 @@ import numpy as np
 
 from attn_jax import dispatch
 from attn_jax import masks as masks_lib
+from attn_jax import sharding as sharding_lib
 from attn_jax.softmax import common
 
 # cuDNN's flash attention (the only cuDNN path jax uses for bf16/f16 without bias) takes head
@@ -82,7 +85,8 @@ class CudnnConfig:
       whose work is thrown away; above this ratio the backend refuses, so that dispatch picks
       the Pallas kernel, which computes only the mask's own tiles. The default 1.5 is the
       published H100 speed ratio of cuDNN to a Pallas Triton flash kernel (600-740 against
-      360-420 TFLOP/s) with a margin; ``float("inf")`` always takes cuDNN.
+      360-420 TFLOP/s) with a margin, to be retuned from measured figures; ``float("inf")``
+      always takes cuDNN.
   """
 
   max_work_ratio: float = 1.5
@@ -121,11 +125,16 @@ class Plan:
     return self.computed_pairs / self.useful_pairs
 
 
+# Exact classes, not isinstance: a subclass (a causal mask with extra keys, say) may show more
+# than its base class's band.
+_BAND_CLASSES = (masks_lib.Full, masks_lib.Causal, masks_lib.SlidingWindow)
+
+
 def _unsupported_mask_feature(mask: masks_lib.Mask) -> str | None:
   """The first part of ``mask`` that is not a band (None if it is one), as words for an error."""
-  if isinstance(mask, (masks_lib.Full, masks_lib.Causal, masks_lib.SlidingWindow)):
+  if type(mask) in _BAND_CLASSES:
     return None
-  if isinstance(mask, masks_lib.And):
+  if type(mask) is masks_lib.And:
     return _unsupported_mask_feature(mask.a) or _unsupported_mask_feature(mask.b)
   if getattr(mask, "depends_on_head", False):
     return f"per-head masks ({mask!r})"
@@ -147,11 +156,11 @@ def mask_band(mask: masks_lib.Mask, ctx: masks_lib.MaskContext) -> tuple[int | N
 
 
 def _band(mask, ctx):
-  if isinstance(mask, masks_lib.Full):
+  if type(mask) is masks_lib.Full:
     return None, None
-  if isinstance(mask, (masks_lib.Causal, masks_lib.SlidingWindow)):
+  if type(mask) in (masks_lib.Causal, masks_lib.SlidingWindow):
     offset = ctx.default_offset if mask.offset is None else mask.offset
-    if isinstance(mask, masks_lib.Causal):
+    if type(mask) is masks_lib.Causal:
       return None, offset
     return offset - mask.left, offset + mask.right
   (lo_a, hi_a), (lo_b, hi_b) = _band(mask.a, ctx), _band(mask.b, ctx)
@@ -286,6 +295,20 @@ def _check_nvidia_gpu() -> None:
     raise NotImplementedError("cuDNN needs an NVIDIA GPU; this GPU runs ROCm")
 
 
+def _check_sequence_unsharded() -> None:
+  # Under the project's sharding rules (attn_jax.sharding.use_rules), XLA partitions the cuDNN
+  # call with jax's custom partitioning, which takes batch and head sharding but raises at
+  # compile time for a sharded sequence; the Pallas kernels then serve the call instead.
+  active = sharding_lib.current()
+  if active is None:
+    return
+  mesh, rules = active
+  axes = [a for a in rules.mesh_axes("seq") if mesh.shape.get(a, 1) > 1]
+  if axes:
+    raise NotImplementedError(f"cuDNN does not support a sequence sharded over mesh axes {axes} "
+                              f"(jax's cuDNN partitioning takes batch and head sharding only)")
+
+
 def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec,
               config: CudnnConfig | None = None):
   """The ``cudnn`` backend of :func:`attn_jax.attention` (see the module docstring).
@@ -298,6 +321,7 @@ def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spe
   plan_ = plan(spec, config)
   if jnp.dtype(q.dtype) not in [jnp.dtype(t) for t in DTYPES]:
     raise NotImplementedError(f"cuDNN flash attention takes bfloat16 or float16 inputs, got {q.dtype}")
+  _check_sequence_unsharded()
   _check_nvidia_gpu()
   try:
     out = apply(plan_, q, k, v, scale=spec.scale, implementation=_JAX_IMPLEMENTATION)

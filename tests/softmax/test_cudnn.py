@@ -16,6 +16,7 @@ import pytest
 import attn_jax
 from attn_jax import dispatch
 from attn_jax import masks
+from attn_jax import sharding
 from attn_jax.neighborhood import api as nb_api
 from attn_jax.softmax import common
 from attn_jax.softmax import cudnn
@@ -170,6 +171,16 @@ def test_jax_refusals_are_named_and_other_errors_pass(monkeypatch):
   with pytest.raises(RuntimeError, match="out of memory") as info:
     attn_jax.attention(q, k, v, mask=masks.causal(), implementation="cudnn")
   assert not isinstance(info.value, NotImplementedError)
+
+
+def test_sequence_sharding_is_refused():
+  q, k, v, *_ = helpers.make_inputs(0, 2, 16, 16, 2, 2, 16, 16, jnp.bfloat16)
+  with sharding.use_rules(sharding.make_mesh(data=2, sequence=2, tensor=2)):
+    with pytest.raises(NotImplementedError, match=r"sequence sharded over mesh axes \['sequence'\]"):
+      attn_jax.attention(q, k, v, mask=masks.causal(), implementation="cudnn")
+  with sharding.use_rules(sharding.make_mesh(data=4, tensor=2)):
+    with pytest.raises(NotImplementedError, match="cuDNN needs an NVIDIA GPU"):
+      attn_jax.attention(q, k, v, mask=masks.causal(), implementation="cudnn")
 
 
 def test_work_ratio_is_a_tunable():
