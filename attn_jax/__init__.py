@@ -23,6 +23,7 @@ from attn_jax.linear.xla import XlaConfig as LinearXlaConfig
 from attn_jax.neighborhood.api import NeighborhoodConfig, neighborhood_attention
 from attn_jax.neighborhood.mask import NeighborhoodMask
 from attn_jax.softmax.api import attention
+from attn_jax.softmax.cudnn import CudnnConfig
 from attn_jax.softmax.pallas import PallasGpuConfig, PallasTpuConfig
 from attn_jax.softmax.xla import XlaConfig
 
@@ -39,6 +40,7 @@ __all__ = [
     "XlaConfig",
     "PallasTpuConfig",
     "PallasGpuConfig",
+    "CudnnConfig",
     "neighborhood",
     "neighborhood_attention",
     "NeighborhoodMask",

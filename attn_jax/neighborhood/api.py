@@ -71,7 +71,9 @@ def resolve_backend(implementation: str | None) -> str:
   """The softmax backend that will serve the call (the platform's first when None)."""
   if implementation is not None:
     return implementation
-  order = dispatch.platform_order(softmax_api.FAMILY)
+  # cuDNN (first on GPU) serves causal bands only, never a neighborhood mask: the first backend
+  # that takes block-sparse masks serves the call.
+  order = [n for n in dispatch.platform_order(softmax_api.FAMILY) if n != "cudnn"]
   return order[0] if order else "xla"
 
 

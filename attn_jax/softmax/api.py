@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from attn_jax import dispatch
 from attn_jax import masks as masks_lib
 from attn_jax.softmax import common
+from attn_jax.softmax import cudnn
 from attn_jax.softmax import pallas
 from attn_jax.softmax import reference
 from attn_jax.softmax import xla
@@ -21,6 +22,7 @@ dispatch.register(FAMILY, "reference", reference.attention)
 dispatch.register(FAMILY, "xla", xla.attention)
 dispatch.register(FAMILY, "pallas_tpu", pallas.attention_tpu)
 dispatch.register(FAMILY, "pallas_gpu", pallas.attention_gpu)
+dispatch.register(FAMILY, "cudnn", cudnn.attention)
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -79,8 +81,9 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
       a key only if their ids are equal (packed sequences), in addition to ``mask``. For self
       attention ``kv_segment_ids`` may be omitted and defaults to ``q_segment_ids``.
     implementation: None (first backend of this platform that serves the call), or one of
-      ``"reference"``, ``"xla"`` (and the Pallas kernels when installed). An explicit choice that
-      cannot serve the call raises ``NotImplementedError``; it is never replaced.
+      ``"reference"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``, ``"cudnn"`` (cuDNN through
+      ``jax.nn.dot_product_attention``: NVIDIA GPUs, bf16/f16, causal bands). An explicit choice
+      that cannot serve the call raises ``NotImplementedError``; it is never replaced.
     return_lse: also return the log-sum-exp of each row.
     config: backend tunables (e.g. :class:`attn_jax.XlaConfig`); with ``implementation=None`` it
       selects its own backend.
@@ -146,7 +149,7 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
   spec = common.Spec(
       mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, q_len=tq, kv_len=tk,
       num_q_heads=hq, num_kv_heads=hkv, head_dim=d, v_head_dim=v.shape[3],
-      has_sinks=sinks is not None, has_segments=q_segment_ids is not None)
+      has_sinks=sinks is not None, has_segments=q_segment_ids is not None, return_lse=bool(return_lse))
   out, lse = dispatch.dispatch(FAMILY, implementation, q, k, v, sinks, q_segment_ids,
                                kv_segment_ids, spec=spec, config=config)
   return (out, lse) if return_lse else out
