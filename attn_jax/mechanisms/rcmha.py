@@ -50,6 +50,8 @@ def _check(q, k, v, rel_proj, u, w):
 
 
 def _query_positions(tq, tk, query_offset):
+  if query_offset is not None and (isinstance(query_offset, bool) or not isinstance(query_offset, int)):
+    raise ValueError(f"query_offset must be a Python int or None, got {query_offset!r}")
   # By default queries sit at key position i + (kv_len - q_len), as in causal masks and decoding.
   return jnp.arange(tq) + (tk - tq if query_offset is None else query_offset)
 
@@ -116,7 +118,7 @@ def relative_attention_reference(q, k, v, rel_proj, u, w, *, mask=None, scale=No
   return out.astype(q.dtype)
 
 
-def rcmha(q, k, v, conv_q, conv_k, conv_v, rel_proj, u, w, *, mask=None, scale=None, implementation=None,
+def rcmha_attention(q, k, v, conv_q, conv_k, conv_v, rel_proj, u, w, *, mask=None, scale=None, implementation=None,
           config=None, reference=False):
   """RCMHA: causal depth-wise convolutions of the projected q, k, v, then relative attention.
 
@@ -130,7 +132,7 @@ def rcmha(q, k, v, conv_q, conv_k, conv_v, rel_proj, u, w, *, mask=None, scale=N
   Returns:
     ``[B, T, Hq, Dv]``.
   """
-  dense.check_qkv(q, k, v, "rcmha")
+  dense.check_qkv(q, k, v, "rcmha_attention")
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"rcmha is self attention: q and k lengths must match, got {q.shape[1]} and {k.shape[1]}")
   if mask is None:

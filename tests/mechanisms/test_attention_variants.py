@@ -124,8 +124,8 @@ def test_rcmha_matches_reference():
   q, k, v = _qkv(6, tq=21, tk=21)
   rel, u, w = _relative_params(22)
   convs = (normal(30, 3, 32), normal(31, 3, 16), normal(32, 3, 16))
-  fast = lambda q, k, v, cq, ck, cv, r: rcmha.rcmha(q, k, v, cq, ck, cv, r, u, w, **XLA)  # noqa: E731
-  slow = lambda q, k, v, cq, ck, cv, r: rcmha.rcmha(q, k, v, cq, ck, cv, r, u, w, reference=True)  # noqa: E731
+  fast = lambda q, k, v, cq, ck, cv, r: rcmha.rcmha_attention(q, k, v, cq, ck, cv, r, u, w, **XLA)  # noqa: E731
+  slow = lambda q, k, v, cq, ck, cv, r: rcmha.rcmha_attention(q, k, v, cq, ck, cv, r, u, w, reference=True)  # noqa: E731
   check_grads(fast, slow, (q, k, v) + convs + (rel,), ("dq", "dk", "dv", "dconv_q", "dconv_k", "dconv_v", "drel"))
 
 
@@ -212,6 +212,8 @@ def test_local_linear_attention_properties():
     (lambda: rcmha.relative_attention(*_qkv(0, tq=5, tk=5), jnp.ones((4, 6, 8)), jnp.ones((2, 8)), jnp.ones((4, 8))),
      "u must have shape"),
     (lambda: rcmha.relative_frequencies(0), "num_features must be a positive int"),
+    (lambda: rcmha.relative_attention(*_qkv(0, tq=5, tk=5), *_relative_params(0), query_offset=1.5),
+     "query_offset must be a Python int"),
     (lambda: compressed_conv.compressed_conv_attention(*_qkv(0, tq=5, tk=5), jnp.ones((3, 8)), jnp.ones((3, 16)),
                                                        jnp.ones((2, 4, 8, 8)), jnp.ones((2, 2, 8, 8)), jnp.ones(4)),
      "conv1_q must have shape"),
