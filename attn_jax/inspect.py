@@ -71,7 +71,7 @@ def attention_probs(q, k, *, mask=None, scale=None, sinks=None, logits_soft_cap=
       q, k, k, mask=mask, scale=scale, sinks=sinks, logits_soft_cap=logits_soft_cap,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, implementation=implementation,
       return_lse=True, config=config)
-  b, tq, hq, d = q.shape
+  _, tq, hq, d = q.shape
   tk, hkv = k.shape[1], k.shape[2]
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
   kf = jnp.repeat(k.astype(jnp.float32), hq // hkv, axis=2)
@@ -209,7 +209,7 @@ def retrieval_head_scores(probs, key_tokens, output_tokens, needle):
   """
   if probs.ndim != 4:
     raise ValueError(f"probs must have shape [batch, heads, q_len, kv_len], got {_shape(probs)}")
-  b, h, tq, tk = probs.shape
+  b, _, tq, tk = probs.shape
   key_tokens, output_tokens = jnp.asarray(key_tokens), jnp.asarray(output_tokens)
   if key_tokens.shape != (b, tk):
     raise ValueError(f"key_tokens must have shape [batch, kv_len] = {(b, tk)}, got {_shape(key_tokens)}")

@@ -81,7 +81,7 @@ def _conv_fast(x, conv1, conv2):
 
 def _conv_reference(x, conv1, conv2):
   """The convolutions as explicit sums over taps: ``y_t = sum_s w[s] x_{t - W + 1 + s}``."""
-  b, t, h, d = x.shape
+  _, t, h, d = x.shape
 
   def taps(seq, n):
     padded = jnp.pad(seq, ((0, 0), (n - 1, 0)) + ((0, 0),) * (seq.ndim - 2))

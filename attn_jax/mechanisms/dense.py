@@ -52,7 +52,7 @@ def attention(q, k, v, *, mask=None, scale=None, logits_fn=None):
   Returns:
     ``[B, Tq, Hq, Dv]`` float32; a row with no visible key is 0.
   """
-  b, tq, hq, d = q.shape
+  _, tq, hq, d = q.shape
   tk, hkv = k.shape[1], k.shape[2]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
   kf = jnp.repeat(k.astype(jnp.float32), hq // hkv, axis=2)

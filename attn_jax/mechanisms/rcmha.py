@@ -49,6 +49,12 @@ def _check(q, k, v, rel_proj, u, w):
       raise ValueError(f"{name} must have shape [q_heads, head_dim] = {(hq, d)}, got {tuple(x.shape)}")
 
 
+def _sizes(q, k, rel_proj, scale):
+  f = rel_proj.shape[1] // 2
+  scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+  return q.shape[0], q.shape[1], k.shape[1], k.shape[2], f, jnp.asarray(relative_frequencies(f)), scale
+
+
 def _query_positions(tq, tk, query_offset):
   if query_offset is not None and (isinstance(query_offset, bool) or not isinstance(query_offset, int)):
     raise ValueError(f"query_offset must be a Python int or None, got {query_offset!r}")
@@ -76,11 +82,7 @@ def relative_attention(q, k, v, rel_proj, u, w, *, mask=None, scale=None, query_
     ``[B, Tq, Hq, Dv]`` in the dtype of ``q``.
   """
   _check(q, k, v, rel_proj, u, w)
-  b, tq, hq, d = q.shape
-  tk, hkv = k.shape[1], k.shape[2]
-  f = rel_proj.shape[1] // 2
-  freq = jnp.asarray(relative_frequencies(f))
-  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  b, tq, tk, hkv, f, freq, scale = _sizes(q, k, rel_proj, scale)
   qf = q.astype(jnp.float32)
   # [B, Tq, Hq, 2F]: (q + w) W_R^T, split into the coefficients of sin and cos of (p - j) w.
   coef = jnp.einsum("bqhd,hfd->bqhf", qf + w.astype(jnp.float32), rel_proj.astype(jnp.float32),
@@ -101,11 +103,7 @@ def relative_attention_reference(q, k, v, rel_proj, u, w, *, mask=None, scale=No
   """The oracle of :func:`relative_attention`: the relative embedding of every ``(i, j)`` pair is
   materialised, ``[Tq, Tk, 2F]``, as in Transformer-XL before its shift trick."""
   _check(q, k, v, rel_proj, u, w)
-  b, tq, hq, d = q.shape
-  tk, hkv = k.shape[1], k.shape[2]
-  f = rel_proj.shape[1] // 2
-  freq = jnp.asarray(relative_frequencies(f))
-  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  _, tq, tk, _, _, freq, scale = _sizes(q, k, rel_proj, scale)
   rel = _query_positions(tq, tk, query_offset)[:, None] - jnp.arange(tk)[None, :]       # [Tq, Tk]
   ang = rel.astype(jnp.float32)[..., None] * freq
   r = jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], -1)                                       # [Tq, Tk, 2F]

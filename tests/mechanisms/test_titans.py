@@ -102,7 +102,7 @@ def test_memory_memorises_associations_at_test_time():
   t = pairs * reps
   ones = jnp.ones((1, t, 1))
   params = (jnp.zeros((1, dk, 3)),)
-  y, state = titans.neural_memory(k, k, v, 0.4 * ones, 0.0 * ones, 0.0 * ones, params,
+  _, state = titans.neural_memory(k, k, v, 0.4 * ones, 0.0 * ones, 0.0 * ones, params,
                                   spec=titans.MemorySpec(chunk_size=4), return_state=True)
   recall = titans.memory_readout(state, keys[None, :, None])
   np.testing.assert_allclose(recall[0, :, 0], values, atol=1e-3)
