@@ -227,3 +227,28 @@ def test_local_linear_attention_properties():
 def test_bad_arguments(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_bfloat16_inputs():
+  # bfloat16 in, bfloat16 out, within bfloat16 tolerance of the float32 oracle on the same inputs.
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(11, tq=21, tk=21, d=8))
+  f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]  # noqa: E731
+  mask = masks.causal()
+  gates = jax.nn.softmax(normal(12, 1, 21, 4))
+  rel, u, w = _relative_params(23)
+  convs = (0.5 * normal(40, 4, 32), 0.5 * normal(41, 4, 16), 0.3 * normal(42, 2, 4, 8, 8), 0.3 * normal(43, 2, 2, 8, 8))
+  cases = {
+      "moh": (lambda q, k, v: moh.moh_attention(q, k, v, gates, mask=mask),
+              lambda q, k, v: moh.moh_attention_reference(q, k, v, gates, mask=mask)),
+      "relative": (lambda q, k, v: rcmha.relative_attention(q, k, v, rel, u, w, mask=mask),
+                   lambda q, k, v: rcmha.relative_attention_reference(q, k, v, rel, u, w, mask=mask)),
+      "cca": (lambda q, k, v: compressed_conv.compressed_conv_attention(q, k, v, *convs, jnp.full(4, 4.0), mask=mask),
+              lambda q, k, v: compressed_conv.compressed_conv_attention(q, k, v, *convs, jnp.full(4, 4.0), mask=mask,
+                                                                         reference=True)),
+      "lla": (lambda q, k, v: local_linear.local_linear_attention(q, k, v, mask=mask),
+              lambda q, k, v: local_linear.local_linear_attention_reference(q, k, v, mask=mask)),
+  }
+  for name, (fast, slow) in cases.items():
+    out = jax.jit(fast)(q, k, v)
+    assert out.dtype == jnp.bfloat16, name
+    tolerances.assert_close(out, jax.jit(slow)(*f32(q, k, v)), jnp.bfloat16, name, factor=2.0)

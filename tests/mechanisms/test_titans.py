@@ -112,6 +112,17 @@ def test_memory_memorises_associations_at_test_time():
   assert np.abs(np.asarray(titans.memory_readout(forgot, keys[None, :, None])[0, :3, 0])).max() < 1e-5
 
 
+def test_bfloat16_inputs_run_in_float32():
+  q, k, v, lr, mom, dec = (x.astype(jnp.bfloat16) for x in _inputs(6))
+  params = titans.init_memory(jax.random.PRNGKey(7), 2, 4, 3, hidden=(5,))
+  spec = titans.MemorySpec(chunk_size=4)
+  out = jax.jit(lambda *a: titans.neural_memory(*a, params, spec=spec))(q, k, v, lr, mom, dec)
+  assert out.dtype == jnp.bfloat16
+  want = titans.neural_memory(*(x.astype(jnp.float32) for x in (q, k, v, lr, mom, dec)), params, spec=spec,
+                              implementation="reference")
+  tolerances.assert_close(out, want, jnp.bfloat16, "bf16")
+
+
 CONFIG = dict(d_model=16, num_heads=2, head_dim=8, memory_heads=2, memory_dim=8, memory_hidden=(8,),
               num_persistent=2, window=5, segment_len=8, spec=titans.MemorySpec(chunk_size=4))
 
