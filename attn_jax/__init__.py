@@ -10,6 +10,7 @@ Public API::
 
 from attn_jax import block_mask
 from attn_jax import dispatch
+from attn_jax import inspect
 from attn_jax import masks
 from attn_jax import mechanisms
 from attn_jax import neighborhood
@@ -34,6 +35,7 @@ __all__ = [
     "masks",
     "block_mask",
     "dispatch",
+    "inspect",
     "sharding",
     "BlockMask",
     "make_block_mask",
