@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from attn_jax import _jit_cache
 from attn_jax import dispatch
@@ -141,9 +143,14 @@ def _decay_heads(log_decay, hq, hkv, name="log_decay"):
   return heads
 
 
-def linear_attention(q, k, v, *, log_decay=None, feature_map=None, scale=None, normalize=False,
-                     causal=True, initial_state=None, return_final_state=False, segment_ids=None,
-                     chunk_size=None, implementation=None, config=None):
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, log_decay: ArrayLike | None = None,
+                     feature_map: str | Callable[[jax.Array], jax.Array] | None = None,
+                     scale: float | None = None, normalize: bool = False, causal: bool = True,
+                     initial_state: jax.Array | None = None, return_final_state: bool = False,
+                     segment_ids: ArrayLike | None = None, chunk_size: int | None = None,
+                     implementation: str | None = None,
+                     config: xla.XlaConfig | pallas.PallasTpuConfig | pallas.PallasGpuConfig | None = None,
+                     ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Linear attention ``S_t = a_t S_{t-1} + phi(k_t) v_t^T``, ``o_t = scale * phi(q_t)^T S_t``.
 
   Layout ``[batch, seq, heads, dim]``. With ``normalize=True`` the output is divided by
@@ -360,7 +367,11 @@ def _non_causal(fq, fk, v, initial_state, segment_ids, spec, implementation, con
   return o_fwd + jnp.flip(o_bwd, 1) - diag, state
 
 
-def linear_attention_step(state, q, k, v, log_decay=None, *, feature_map=None, scale=None, normalize=False):
+def linear_attention_step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+                          log_decay: ArrayLike | None = None, *,
+                          feature_map: str | Callable[[jax.Array], jax.Array] | None = None,
+                          scale: float | None = None, normalize: bool = False,
+                          ) -> tuple[jax.Array, jax.Array]:
   """One decoding step of :func:`linear_attention`: ``(state, q_t, k_t, v_t, a_t) -> (state, o_t)``.
 
   Feeding the tokens of a sequence one by one, starting from its ``initial_state`` (or zeros),

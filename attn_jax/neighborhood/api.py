@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from attn_jax import _jit_cache
 from attn_jax import dispatch
@@ -141,9 +144,14 @@ def _check_array(name, x):
     raise ValueError(f"{name} must be an array, got {type(x).__name__}")
 
 
-def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, *,
-                           sinks=None, additional_keys=None, additional_values=None, scale=None,
-                           implementation=None, return_lse=False, config=None):
+def neighborhood_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int | Sequence[int],
+                           stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1,
+                           is_causal: bool | Sequence[bool] = False, *, sinks: ArrayLike | None = None,
+                           additional_keys: jax.Array | None = None,
+                           additional_values: jax.Array | None = None, scale: float | None = None,
+                           implementation: str | None = None, return_lse: bool = False,
+                           config: NeighborhoodConfig | None = None,
+                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Neighborhood attention over a 1-D, 2-D or 3-D token grid, with NATTEN's semantics.
 
   Each query attends to a window of ``kernel_size`` keys per axis around it (the product over
