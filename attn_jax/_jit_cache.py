@@ -29,7 +29,7 @@ from typing import Any, Callable, Hashable
 import jax
 import jax.extend.core
 
-# JAX's own "is a jaxpr being staged out" probe (public in jax.extend.core since 0.5, named
+# JAX's own "is a jaxpr being staged out" probe (exported by jax.extend.core, named
 # unsafe because the trace-state internals behind it change); None if a version lacks it.
 _UNDER_JIT = getattr(jax.extend.core, "unsafe_am_i_under_a_jit_DO_NOT_USE", None)
 
@@ -62,7 +62,7 @@ def _under_jit(arrays) -> bool:
   if _UNDER_JIT is not None:
     return _UNDER_JIT()
   # Without JAX's probe: a tracer among the arrays (which also catches eager grad and vmap).
-  tracer = jax.core.Tracer
+  tracer = getattr(jax.core, "Tracer", ())
   return any(isinstance(x, tracer) for x in jax.tree_util.tree_leaves(arrays))
 
 

@@ -9,6 +9,7 @@ counts) or chunk size it uses.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -136,7 +137,9 @@ def explain(fn, *args, **kwargs) -> Explanation:
     if fn not in functions:
       raise ValueError(f"fn must be one of {sorted(functions)} or one of those functions, got {fn!r}")
     fn = functions[fn]
-  elif fn not in functions.values():
+  else:
+    fn = inspect.unwrap(fn)  # a functools.wraps wrapper of one of them (a logging shim, say)
+  if fn not in functions.values():
     raise ValueError(f"fn must be attn_jax.attention, linear_attention or neighborhood_attention (or a family "
                      f"name), got {fn!r}")
   leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))

@@ -548,7 +548,7 @@ def _is_tracer_like(x) -> bool:
   if "jax" not in sys.modules:
     return False
   import jax
-  return isinstance(x, jax.core.Tracer)
+  return isinstance(x, getattr(jax.core, "Tracer", ()))
 
 
 def submasks(mask: Mask):

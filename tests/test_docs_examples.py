@@ -8,6 +8,7 @@ per-dtype tolerances of the test suite. Calls traced inside a ``jit`` (layers, m
 unchanged.
 """
 
+import functools
 import pathlib
 import re
 
@@ -35,6 +36,7 @@ def _concrete(tree):
 
 
 def _checked(fn, compared):
+  @functools.wraps(fn)  # attn_jax.explain unwraps it to the function it explains
   def call(*args, **kwargs):
     out = fn(*args, **kwargs)
     if not _concrete((args, kwargs, out)) or kwargs.get("implementation") == "reference":
