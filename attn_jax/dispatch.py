@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 
-__all__ = ["register", "backends", "platform_order", "dispatch", "current_platform"]
+__all__ = ["register", "backends", "platform_order", "dispatch", "current_platform", "interpret_mode"]
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
 
@@ -56,6 +56,18 @@ def current_platform() -> str:
   platform = jax.default_backend()
   # ROCm and CUDA both lower through the GPU path.
   return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
+def interpret_mode(interpret: bool | None, platform: str) -> bool:
+  """Whether a Pallas kernel of ``platform`` ("tpu" / "gpu") runs in interpret mode.
+
+  Every Pallas config has ``interpret: bool | None``: True and False are obeyed anywhere (False
+  off the kernel's platform is how the compile check lowers the real kernel on a CPU); None
+  means "interpret unless running on the kernel's platform".
+  """
+  if interpret is None:
+    return current_platform() != platform
+  return bool(interpret)
 
 
 def platform_order(family: str, platform: str | None = None) -> tuple[str, ...]:

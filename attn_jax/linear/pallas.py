@@ -119,9 +119,7 @@ def _backend(platform: str):
     if not isinstance(config, config_type):
       raise ValueError(f"config must be a Linear{config_type.__name__} for implementation={name!r}, "
                        f"got {type(config).__name__}")
-    interpret = config.interpret
-    if interpret is None:
-      interpret = dispatch.current_platform() != platform
+    interpret = dispatch.interpret_mode(config.interpret, platform)
     chunk = spec.chunk_size or config.chunk_size
     if platform == "tpu":
       if chunk is not None and chunk % 8:

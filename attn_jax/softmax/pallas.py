@@ -307,9 +307,7 @@ def _attention(platform: str, config_type):
     if not isinstance(config, config_type):
       raise ValueError(f"config must be a {config_type.__name__} for implementation="
                        f"'pallas_{platform}', got {type(config).__name__}")
-    interpret = config.interpret
-    if interpret is None:
-      interpret = dispatch.current_platform() != platform
+    interpret = dispatch.interpret_mode(config.interpret, platform)
     if config.record_visits is not None and not interpret:
       raise ValueError("record_visits is a debugging aid for interpret mode only")
     if platform == "tpu":
