@@ -23,7 +23,7 @@ from attn_jax.linear.xla import XlaConfig as LinearXlaConfig
 from attn_jax.neighborhood.api import NeighborhoodConfig, neighborhood_attention
 from attn_jax.neighborhood.mask import NeighborhoodMask
 from attn_jax.softmax.api import attention
-from attn_jax.softmax.pallas import PallasGpuConfig, PallasTpuConfig
+from attn_jax.softmax.pallas import PallasGpuConfig, PallasGpuLaunch, PallasTpuConfig
 from attn_jax.softmax.xla import XlaConfig
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "XlaConfig",
     "PallasTpuConfig",
     "PallasGpuConfig",
+    "PallasGpuLaunch",
     "neighborhood",
     "neighborhood_attention",
     "NeighborhoodMask",

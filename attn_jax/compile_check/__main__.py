@@ -40,6 +40,8 @@ def _parser():
   p.add_argument("--tpu-python", default=None, help="use this interpreter (with jax[tpu]) for TPU targets")
   p.add_argument("--gpu-python", default=None,
                  help="use this interpreter (with jax-cuda12-plugin and nvidia-cuda-nvcc-cu12) for GPU targets")
+  p.add_argument("--cases-module", action="append", default=[],
+                 help="import this module first (it registers more kernel families); repeatable")
   p.add_argument("--list", action="store_true", help="print the selected cases and exit")
   return p
 
@@ -47,14 +49,16 @@ def _parser():
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
+    cases_lib.load_modules(args.cases_module)
     if args.list:
       targets_lib.resolve(args.targets)
       for c in cases_lib.select(args.kernels, match=args.match, quick=args.quick):
         print(f"{c.id:45s} {','.join(c.modes):12s} {','.join(c.platforms):8s} {c.note}")
       return 0
     run = runner.run(args.targets, args.kernels, match=args.match, quick=args.quick, modes=args.modes,
-                     jobs=args.jobs, home=args.home, tpu_python=args.tpu_python, gpu_python=args.gpu_python)
-  except ValueError as e:
+                     jobs=args.jobs, home=args.home, tpu_python=args.tpu_python, gpu_python=args.gpu_python,
+                     cases_modules=args.cases_module)
+  except (ValueError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except RuntimeError as e:  # A compiler environment could not be created.

@@ -17,6 +17,7 @@ adding a kernel is one function here::
 
     register_family("my_family", _my_cases)
 
+(or in a module of its own, loaded with ``--cases-module``).
 ``call(platform, x)`` receives ``"tpu"`` or ``"gpu"`` and the inputs by name, and returns an
 array or a tuple of arrays (summed into the loss of ``"fwd+bwd"``). ``platforms`` limits a case
 to the targets that have the kernel (a cuDNN backend: ``("gpu",)``). ``quick=True`` puts a case
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -112,6 +114,14 @@ def families() -> tuple[str, ...]:
   return tuple(_FAMILIES)
 
 
+def load_modules(modules) -> None:
+  """Imports modules that register more families (``--cases-module``), e.g. a kernel's own
+  cases kept beside it, or a test's. The workers import the same modules."""
+  for name in modules or ():
+    importlib.import_module(name)
+  all_cases.cache_clear()
+
+
 @functools.cache
 def all_cases() -> dict[str, Case]:
   """Every registered case by id."""
@@ -153,7 +163,6 @@ def _tokens(name, b, t, h, d, dtype):
   return Input(name, (b, t, h, d), dtype)
 
 
-# ---------------------------------------------------------------------------------------------
 # Softmax attention: the flash kernels (forward, dQ, dK/dV) through attn_jax.attention.
 
 
@@ -193,14 +202,19 @@ def _layout_mask():
 
 
 def _softmax_cases() -> Iterator[Case]:
+  # A covering design rather than the full cross product: every head dim in every dtype (causal),
+  # and each feature group at every head dim in bfloat16, and in float32 where registers are
+  # tightest (the groups that add tiles to the kernels' live state: soft-cap, segments, tiles).
   for d in HEAD_DIMS:
     for dtype in DTYPES:
       tag = _tag(d, dtype)
       t = 1021
       yield Case("softmax", f"causal-mha-{tag}", d, dtype,
                  inputs=tuple(_tokens(n, 1, t, 4, d, dtype) for n in "qkv"), grad=("q", "k", "v"),
-                 call=_attention(_causal), modes=MODES, quick=(d, dtype) == (64, "float32"),
-                 note="causal, 4 heads, 1021 tokens")
+                 call=_attention(_causal), modes=MODES if (d, dtype) == (128, "bfloat16") else (FWD_BWD,),
+                 quick=(d, dtype) == (64, "float32"), note="causal, 4 heads, 1021 tokens")
+      if dtype == "float16":
+        continue  # f16 takes the bf16 code paths.
       dv = 128 if d == 64 else d // 2
       tq, tk = 777, 1533
       yield Case("softmax", f"cross-gqa-all-{tag}", d, dtype,
@@ -211,23 +225,21 @@ def _softmax_cases() -> Iterator[Case]:
                  call=_attention(_causal, soft_cap=30.0, sinks=True, segments=True),
                  quick=(d, dtype) == (128, "bfloat16"),
                  note=f"causal cross 777 x 1533, GQA 8/2, Dv={dv}, sinks, soft-cap, segment ids")
-      if dtype == "float16":
-        continue  # f16 takes the bf16 code paths; the two cases above cover it.
-      yield Case("softmax", f"window-sinks-mqa-{tag}", d, dtype,
-                 inputs=(_tokens("q", 1, 2049, 4, d, dtype), _tokens("k", 1, 2049, 1, d, dtype),
-                         _tokens("v", 1, 2049, 1, d, dtype), Input("sinks", (4,), "float32")),
-                 grad=("q", "k", "v", "sinks"), call=_attention(_window_sinks, sinks=True),
-                 note="window 255 + 4 sink tokens, learned sinks, MQA 4/1, 2049 tokens")
       yield Case("softmax", f"layout-tiles-{tag}", d, dtype,
                  inputs=tuple(_tokens(n, 1, 1100, 2, d, dtype) for n in "qkv"), grad=("q", "k", "v"),
                  call=_attention(_layout_mask, soft_cap=20.0),
                  note="block-sparse layout read as precomputed tiles, soft-cap, 1100 tokens")
+      if dtype == "bfloat16":
+        yield Case("softmax", f"window-sinks-mqa-{tag}", d, dtype,
+                   inputs=(_tokens("q", 1, 2049, 4, d, dtype), _tokens("k", 1, 2049, 1, d, dtype),
+                           _tokens("v", 1, 2049, 1, d, dtype), Input("sinks", (4,), "float32")),
+                   grad=("q", "k", "v", "sinks"), call=_attention(_window_sinks, sinks=True),
+                   note="window 255 + 4 sink tokens, learned sinks, MQA 4/1, 2049 tokens")
 
 
 register_family("softmax", _softmax_cases)
 
 
-# ---------------------------------------------------------------------------------------------
 # Neighborhood attention (1-D / 2-D / 3-D) on the flash kernels with the permuted-grid mask.
 
 
@@ -244,13 +256,11 @@ def _neighborhood(kernel_size, *, dilation=1, stride=1, causal=False, sinks=Fals
 
 
 def _neighborhood_cases() -> Iterator[Case]:
+  # The flash kernels with the neighborhood predicate and tile-sized blocks: each rank at every
+  # head dim in bfloat16, and the 2-D case (GQA, sinks, extra keys) in float32 as well.
   for d in HEAD_DIMS:
-    for dtype in DTYPES:
+    for dtype in ("bfloat16", "float32"):
       tag = _tag(d, dtype)
-      yield Case("neighborhood", f"1d-{tag}", d, dtype,
-                 inputs=tuple(Input(n, (1, 1021, 4, d), dtype) for n in "qkv"), grad=("q", "k", "v"),
-                 call=_neighborhood(31, dilation=2, causal=True),
-                 note="1-D, 1021 tokens, window 31, dilation 2, causal")
       shape = (45, 61)
       yield Case("neighborhood", f"2d-{tag}", d, dtype,
                  inputs=(Input("q", (1, *shape, 4, d), dtype), Input("k", (1, *shape, 2, d), dtype),
@@ -260,6 +270,12 @@ def _neighborhood_cases() -> Iterator[Case]:
                  call=_neighborhood((7, 9), stride=(1, 2), sinks=True, extra=True),
                  quick=(d, dtype) == (128, "bfloat16"),
                  note="2-D 45 x 61, window 7 x 9, stride (1, 2), GQA 4/2, sinks, 7 extra keys")
+      if dtype == "float32":
+        continue
+      yield Case("neighborhood", f"1d-{tag}", d, dtype,
+                 inputs=tuple(Input(n, (1, 1021, 4, d), dtype) for n in "qkv"), grad=("q", "k", "v"),
+                 call=_neighborhood(31, dilation=2, causal=True),
+                 note="1-D, 1021 tokens, window 31, dilation 2, causal")
       shape = (10, 18, 22)
       yield Case("neighborhood", f"3d-{tag}", d, dtype,
                  inputs=(Input("q", (1, *shape, 4, d), dtype), Input("k", (1, *shape, 1, d), dtype),
@@ -271,7 +287,6 @@ def _neighborhood_cases() -> Iterator[Case]:
 register_family("neighborhood", _neighborhood_cases)
 
 
-# ---------------------------------------------------------------------------------------------
 # Linear attention: the chunked kernels (forward, dQ, dK/dV; scalar and per-channel decays).
 
 DECAYS = ("none", "fixed", "step", "channel")
@@ -303,20 +318,23 @@ def _decay_input(decay, b, t, h, d):
 
 
 def _linear_cases() -> Iterator[Case]:
+  # Every decay kind at every head dim in bfloat16 and float32 (float16 once per decay kind, at
+  # head dim 128); GQA with segments, an initial state and Dv != D at head dims 64 (with the
+  # normaliser's extra value column) and 128.
   for d in HEAD_DIMS:
     for dtype in DTYPES:
       tag = _tag(d, dtype)
       for decay in DECAYS:
+        if dtype == "float16" and d != 128:
+          continue
         t, h = 1021, 4
         inputs = tuple(_tokens(n, 1, t, h, d, dtype) for n in "qkv") + _decay_input(decay, 1, t, h, d)
         yield Case("linear", f"{decay}-mha-{tag}", d, dtype, inputs=inputs,
                    grad=tuple(i.name for i in inputs), call=_linear(),
                    quick=(d, dtype) == (128, "bfloat16") and decay in ("fixed", "channel"),
                    note=f"decay {decay}, 4 heads, 1021 tokens, final state")
-        if dtype == "float16":
+        if dtype != "bfloat16" or d == 256:
           continue
-        # GQA (4 query heads on 2 states), V dim other than K, packed documents, an initial
-        # state; at d = 64 also the normaliser (one more value column).
         dv = d // 2
         normalize = d == 64
         vs = dv + 1 if normalize else dv

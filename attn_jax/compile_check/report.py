@@ -87,7 +87,9 @@ def failures(run: runner.Run) -> list[str]:
   out = []
   for r in run.results:
     if r["status"] != "compiled":
-      out += [f"- `{r['target']}` `{r['case']}` [{r['mode']}], {r.get('stage')} ({r.get('error_type')}):",
+      kernels = ", ".join(k["name"] for k in r.get("kernels", [])) or "not reached"
+      out += [f"- `{r['target']}` `{r['case']}` [{r['mode']}], kernels {kernels}, {r.get('stage')} "
+              f"({r.get('error_type')}):",
               "", "  ```", *("  " + l for l in r.get("error", "").splitlines()[:12]), "  ```", ""]
   return out or ["none"]
 

@@ -50,8 +50,9 @@ def _read_lines(path: pathlib.Path, offset: int):
 class _Worker:
   """One target's worker process; restarted after a crash with the jobs it had not reached."""
 
-  def __init__(self, target, env: envs.Environment, jobs, work: pathlib.Path, log):
+  def __init__(self, target, env: envs.Environment, jobs, work: pathlib.Path, log, modules=()):
     self.target, self.env, self.pending, self.work, self.log = target, env, list(jobs), work, log
+    self.modules = list(modules)
     self.results, self.info = [], {}
     self.proc = None
     self.current = None
@@ -67,7 +68,8 @@ class _Worker:
     self.stderr = open(self.stderr_path, "ab")
     self.proc = subprocess.Popen(
         [str(self.env.python), "-m", "attn_jax.compile_check.worker", "--target", self.target.name,
-         "--jobs", str(jobs_file), "--out", str(self.out)],
+         "--jobs", str(jobs_file), "--out", str(self.out),
+         *(a for m in self.modules for a in ("--cases-module", m))],
         cwd=str(envs.SOURCE_ROOT), env=envs.worker_environ(self.target.platform, self.env.python),
         stdout=self.stderr, stderr=self.stderr, stdin=subprocess.DEVNULL)
 
@@ -130,7 +132,7 @@ def _progress_line(rec) -> str:
 
 
 def run(targets=None, kernels=None, *, match=None, quick=False, modes=None, jobs: int = 1,
-        home=None, tpu_python=None, gpu_python=None, log=print) -> Run:
+        home=None, tpu_python=None, gpu_python=None, cases_modules=(), log=print) -> Run:
   """Compiles the selected cases for the selected targets.
 
   Args:
@@ -141,6 +143,7 @@ def run(targets=None, kernels=None, *, match=None, quick=False, modes=None, jobs
     modes: ``("fwd",)``, ``("fwd+bwd",)`` or None (each case's own modes).
     jobs: workers (targets) compiling at once.
     home, tpu_python, gpu_python: compiler environments (see :func:`envs.ensure`).
+    cases_modules: modules to import that register more case families.
     log: receives progress lines.
 
   Raises:
@@ -148,6 +151,7 @@ def run(targets=None, kernels=None, *, match=None, quick=False, modes=None, jobs
       selection with no case.
   """
   target_list = targets_lib.resolve(targets)
+  cases_lib.load_modules(cases_modules)
   case_list = cases_lib.select(kernels, match=match, quick=quick)
   if modes is not None:
     if isinstance(modes, str):
@@ -167,18 +171,23 @@ def run(targets=None, kernels=None, *, match=None, quick=False, modes=None, jobs
     setup[platform] = dict(origin=env.origin, created=env.created, setup_s=round(env.setup_s, 1))
   with tempfile.TemporaryDirectory(prefix="compile_check_") as tmp:
     work = pathlib.Path(tmp)
-    workers = [_Worker(t, environments[t.platform], _jobs_for(t, case_list, modes), work, log)
+    workers = [_Worker(t, environments[t.platform], _jobs_for(t, case_list, modes), work, log, cases_modules)
                for t in target_list]
     workers = [w for w in workers if w.pending]
     queue, running = list(workers), []
-    while queue or running:
-      while queue and len(running) < max(1, jobs):
-        w = queue.pop(0)
-        log(f"{w.target.name}: {len(w.pending)} compiles ({w.target.description})")
-        w.start()
-        running.append(w)
-      time.sleep(0.5)
-      running = [w for w in running if w.poll()]
+    try:
+      while queue or running:
+        while queue and len(running) < max(1, jobs):
+          w = queue.pop(0)
+          log(f"{w.target.name}: {len(w.pending)} compiles ({w.target.description})")
+          w.start()
+          running.append(w)
+        time.sleep(0.5)
+        running = [w for w in running if w.poll()]
+    finally:
+      for w in running:  # Interrupted: leave no compiler running.
+        if w.proc.poll() is None:
+          w.proc.kill()
   meta = dict(
       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       running_jax=envs.running_versions(), python=sys.version.split()[0],
@@ -205,7 +214,9 @@ def violations(run: Run, *, spill_head_dim: int = SPILL_FREE_HEAD_DIM,
   for r in run.results:
     where = f"{r['target']} {r['case']} [{r['mode']}]"
     if r["status"] != "compiled":
-      out.append(f"{where}: {r.get('stage')} failed: {r.get('error', '')}")
+      kernels = ", ".join(k["name"] for k in r.get("kernels", []))
+      out.append(f"{where}{f' (kernels {kernels})' if kernels else ''}: {r.get('stage')} failed: "
+                 f"{r.get('error', '')}")
       continue
     if r["target"] in spill_targets and r["head_dim"] <= spill_head_dim:
       for k in r.get("kernels", []):

@@ -66,7 +66,9 @@ def _function(case: cases_lib.Case, platform: str, mode: str):
     leaves = jax.tree.leaves(out)
     return sum(jnp.sum(x.astype(jnp.float32)) for x in leaves)
 
-  return jax.grad(loss, argnums=tuple(names.index(n) for n in case.grad))
+  # The loss value keeps the forward kernels in the program even where the gradient alone would
+  # not need their outputs (XLA would drop them).
+  return jax.value_and_grad(loss, argnums=tuple(names.index(n) for n in case.grad))
 
 
 @contextlib.contextmanager
@@ -153,7 +155,9 @@ def main(argv=None):
   p.add_argument("--target", required=True, choices=sorted(targets_lib.TARGETS))
   p.add_argument("--jobs", required=True, help="JSON file: list of [case id, mode]")
   p.add_argument("--out", required=True, help="JSON-lines file to append results to")
+  p.add_argument("--cases-module", action="append", default=[], help="module registering more cases")
   args = p.parse_args(argv)
+  cases_lib.load_modules(args.cases_module)
   target = targets_lib.TARGETS[args.target]
   jobs = json.loads(pathlib.Path(args.jobs).read_text())
   cases = cases_lib.all_cases()

@@ -103,7 +103,7 @@ def backend_config(name: str, block_size: int, base=None):
   """The softmax backend config whose blocks coincide with the grid tiles.
 
   ``block_size`` is the tile's token count, so each attention block is one tile of queries
-  against one tile of keys. For a kernel that cannot take that block size (e.g. a 7x7 tile on a
+  against one tile of keys (on a GPU, the forward kernel's query block only). For a kernel that cannot take that block size (e.g. a 7x7 tile on a
   GPU, whose blocks are powers of two) the kernel keeps its own block sizes: still exact, but its
   BlockMask is built element-wise and has fewer full blocks. ``base`` is the caller's config of
   that backend (``NeighborhoodConfig.attention_config``): its other fields are kept, and block
@@ -117,9 +117,18 @@ def backend_config(name: str, block_size: int, base=None):
   if config.block_q is not None or config.block_kv is not None:
     return config
   rule = tile_volume_rule(name, getattr(config, "interpret", None))
-  if rule is None or rule(block_size):
-    return dataclasses.replace(config, block_q=block_size, block_kv=block_size)
-  return base
+  if rule is not None and not rule(block_size):
+    return base
+  if name == "pallas_gpu":
+    # On a GPU a tile of 128 tokens as both blocks of all three kernels spills registers (the
+    # dK/dV kernel keeps two f32 accumulators of a whole key block): only the forward kernel's
+    # query block follows the tile; its key block and the backward kernels keep their defaults,
+    # which divide the tile, so their blocks stay boxes of the grid with exact bounds.
+    fwd = config.fwd or pallas.PallasGpuLaunch()
+    if fwd.block_q is not None:
+      return config
+    return dataclasses.replace(config, fwd=dataclasses.replace(fwd, block_q=block_size))
+  return dataclasses.replace(config, block_q=block_size, block_kv=block_size)
 
 
 @dataclasses.dataclass(frozen=True)
