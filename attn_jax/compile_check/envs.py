@@ -163,6 +163,10 @@ def worker_environ(platform: str, python: pathlib.Path) -> dict[str, str]:
   # The compilers need no device; a CPU backend keeps jax from probing for one.
   env["JAX_PLATFORMS"] = "cpu"
   env["TF_CPP_MIN_LOG_LEVEL"] = "0"
+  if platform == targets_lib.TPU:
+    # libtpu takes a machine-wide lock file unless told otherwise; compile-only processes share
+    # no device, so several may run at once (--jobs, or other users of the machine).
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
   if platform == targets_lib.GPU:
     env["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
     # XLA logs each ptxas run with its -v report (registers, spills) at this level.

@@ -103,9 +103,10 @@ def backend_config(name: str, block_size: int, base=None):
   """The softmax backend config whose blocks coincide with the grid tiles.
 
   ``block_size`` is the tile's token count, so each attention block is one tile of queries
-  against one tile of keys (on a GPU, the forward kernel's query block only). For a kernel that cannot take that block size (e.g. a 7x7 tile on a
-  GPU, whose blocks are powers of two) the kernel keeps its own block sizes: still exact, but its
-  BlockMask is built element-wise and has fewer full blocks. ``base`` is the caller's config of
+  against one tile of keys; GPU kernels keep their own register-bound blocks. For a kernel that
+  cannot take that block size (e.g. a 7x7 tile on a GPU, whose blocks are powers of two) the
+  kernel keeps its own block sizes: still exact, but its BlockMask is built element-wise and has
+  fewer full blocks. ``base`` is the caller's config of
   that backend (``NeighborhoodConfig.attention_config``): its other fields are kept, and block
   sizes it sets are not overridden. None for the reference backend (or a kernel that keeps its
   default config).
@@ -120,14 +121,10 @@ def backend_config(name: str, block_size: int, base=None):
   if rule is not None and not rule(block_size):
     return base
   if name == "pallas_gpu":
-    # On a GPU a tile of 128 tokens as both blocks of all three kernels spills registers (the
-    # dK/dV kernel keeps two f32 accumulators of a whole key block): only the forward kernel's
-    # query block follows the tile; its key block and the backward kernels keep their defaults,
-    # which divide the tile, so their blocks stay boxes of the grid with exact bounds.
-    fwd = config.fwd or pallas.PallasGpuLaunch()
-    if fwd.block_q is not None:
-      return config
-    return dataclasses.replace(config, fwd=dataclasses.replace(fwd, block_q=block_size))
+    # The GPU kernels keep their own blocks: tile-sized blocks (up to 128 x 128) spill registers
+    # or exceed an A100's shared memory at large head dims (the compile check). Tiles and blocks
+    # are both powers of two, so one divides the other and most blocks are still exact boxes.
+    return base
   return dataclasses.replace(config, block_q=block_size, block_kv=block_size)
 
 

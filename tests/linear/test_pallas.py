@@ -90,6 +90,24 @@ def test_per_channel_decay_matches_reference(case):
   assert float(jnp.abs(got[2]["log_decay"]).max()) > 1e-3
 
 
+@pytest.mark.parametrize("decay", ["scalar", "channel"])
+def test_gpu_value_column_blocks_match_reference(decay):
+  """GPU programs over blocks of 16 value columns: the state is split in four [K, 16] slices and
+  the partial dQ / dK of the blocks are summed; GQA, segments and an initial state included."""
+  inputs, d_out, d_state = helpers.make_inputs(3, 1, 40, 4, 2, 8, 40, jnp.float32, decay=decay,
+                                               initial_state=True)
+  ids = np.zeros((1, 40), np.int32)
+  ids[:, 25:] = 1
+  kwargs = dict(segment_ids=jnp.asarray(ids), chunk_size=16)
+  config = attn_jax.LinearPallasGpuConfig(block_v=16)
+  got = helpers.value_and_grads(inputs, d_out, d_state, implementation="pallas_gpu", config=config, **kwargs)
+  want = helpers.value_and_grads(inputs, d_out, d_state, implementation="reference", **kwargs)
+  tolerances.assert_close(got[0], want[0], jnp.float32, "out")
+  tolerances.assert_close(got[1], want[1], jnp.float32, "final_state")
+  for name in want[2]:
+    tolerances.assert_close(got[2][name], want[2][name], jnp.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 def test_per_channel_decay_dispatches_to_the_kernel(platform, monkeypatch):
   """With implementation=None on a TPU / GPU, per-channel decays are served by the kernel (the
