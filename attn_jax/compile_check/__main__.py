@@ -42,12 +42,19 @@ def _parser():
                  help="use this interpreter (with jax-cuda12-plugin and nvidia-cuda-nvcc-cu12) for GPU targets")
   p.add_argument("--cases-module", action="append", default=[],
                  help="import this module first (it registers more kernel families); repeatable")
+  p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                 help="write one table from the compile_check.json files of earlier runs, then exit")
   p.add_argument("--list", action="store_true", help="print the selected cases and exit")
   return p
 
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  if args.merge:
+    run = report.merge(args.merge)
+    md, js = report.write(run, args.out)
+    print("\n".join(report.headline(run)) + f"\n\nwrote {md} and {js}")
+    return 1 if runner.violations(run) else 0
   try:
     cases_lib.load_modules(args.cases_module)
     if args.list:

@@ -137,7 +137,8 @@ def all_cases() -> dict[str, Case]:
 
 
 def select(kernels=None, match=None, quick=False) -> list[Case]:
-  """The cases of the families ``kernels`` (None: all) whose id contains ``match``.
+  """The cases of the families ``kernels`` (None: all) whose id contains ``match`` (or one of
+  its comma-separated parts).
 
   Raises:
     ValueError: a family name that is not registered (the message lists the valid ones).
@@ -149,8 +150,9 @@ def select(kernels=None, match=None, quick=False) -> list[Case]:
     if unknown or not kernels:
       raise ValueError(f"kernels must be names among {sorted(_FAMILIES)}, got "
                        f"{', '.join(map(repr, unknown)) if unknown else 'none'}")
+  parts = [m for m in (match or "").split(",") if m]
   cases = [c for c in all_cases().values()
-           if (kernels is None or c.family in kernels) and (not match or match in c.id)
+           if (kernels is None or c.family in kernels) and (not parts or any(m in c.id for m in parts))
            and (c.quick or not quick)]
   return cases
 

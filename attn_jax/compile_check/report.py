@@ -27,6 +27,8 @@ def _versions_lines(meta) -> list[str]:
     lines.append(f"- {platform} compiler environment: {env['origin']}"
                  + (f" (created in {env['setup_s']} s)" if env["created"] else ""))
   lines.append(f"- wall time of the run: {meta['total_s']} s")
+  for part in meta.get("merged_from", []):
+    lines.append(f"- merged from the run of {part}")
   return lines
 
 
@@ -133,3 +135,21 @@ def write(run: runner.Run, out_dir, stem="compile_check") -> tuple[pathlib.Path,
   js.write_text(json.dumps(dict(meta=run.meta, violations=runner.violations(run), results=run.results),
                            indent=1) + "\n")
   return md, js
+
+
+def merge(paths) -> runner.Run:
+  """One run from the JSON files of several (e.g. the TPU and the GPU targets run apart); for the
+  same (target, case, mode), the later file wins."""
+  results, meta = {}, None
+  for path in paths:
+    data = json.loads(pathlib.Path(path).read_text())
+    # A later file's compile of the same (target, case, mode) replaces an earlier one (a re-check
+    # after a fix).
+    results.update({(r["target"], r["case"], r["mode"]): r for r in data["results"]})
+    if meta is None:
+      meta = dict(data["meta"], targets={}, environments={}, total_s=0.0, merged_from=[])
+    meta["targets"].update(data["meta"]["targets"])
+    meta["environments"].update(data["meta"]["environments"])
+    meta["total_s"] = round(meta["total_s"] + data["meta"]["total_s"], 1)
+    meta["merged_from"].append(f"{data['meta']['date']}: {', '.join(data['meta']['targets'])}")
+  return runner.Run(list(results.values()), meta)

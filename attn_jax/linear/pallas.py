@@ -126,6 +126,13 @@ def _backend(platform: str):
       raise ValueError(f"config must be a Linear{config_type.__name__} for implementation={name!r}, "
                        f"got {type(config).__name__}")
     interpret = dispatch.interpret_mode(config.interpret, platform)
+    if platform == "tpu" and q.dtype == jnp.float16:
+      # Mosaic rejects float16 vectors on TPU v4 ("Invalid vector type for load"); TPUs have no
+      # float16 arithmetic anyway, so the kernels run on float32 copies.
+      f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+      out, state = linear_attention(*f32, log_decay, initial_state, segment_ids,
+                                    spec=dataclasses.replace(spec, out_dtype=jnp.dtype(jnp.float32)), config=config)
+      return out.astype(spec.out_dtype), state
     chunk = spec.chunk_size or config.chunk_size
     if platform == "tpu":
       if chunk is not None and chunk % 8:
