@@ -12,6 +12,7 @@ Exit status 0 when every compile succeeded and no project kernel spills register
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from attn_jax.compile_check import cases as cases_lib
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
       return 0
     run = runner.run(args.targets, args.kernels, match=args.match, quick=args.quick, modes=args.modes,
                      jobs=args.jobs, home=args.home, tpu_python=args.tpu_python, gpu_python=args.gpu_python,
-                     cases_modules=args.cases_module)
+                     cases_modules=args.cases_module,
+                     partial_path=os.path.join(args.out, "compile_check.partial.json"))
   except (ValueError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -132,7 +132,8 @@ def _progress_line(rec) -> str:
 
 
 def run(targets=None, kernels=None, *, match=None, quick=False, modes=None, jobs: int = 1,
-        home=None, tpu_python=None, gpu_python=None, cases_modules=(), log=print) -> Run:
+        home=None, tpu_python=None, gpu_python=None, cases_modules=(), log=print,
+        partial_path=None) -> Run:
   """Compiles the selected cases for the selected targets.
 
   Args:
@@ -144,6 +145,8 @@ def run(targets=None, kernels=None, *, match=None, quick=False, modes=None, jobs
     jobs: workers (targets) compiling at once.
     home, tpu_python, gpu_python: compiler environments (see :func:`envs.ensure`).
     cases_modules: modules to import that register more case families.
+    partial_path: a JSON file rewritten with the results so far each time a target finishes, so
+      that an interrupted run keeps what it compiled.
     log: receives progress lines.
 
   Raises:
@@ -183,7 +186,13 @@ def run(targets=None, kernels=None, *, match=None, quick=False, modes=None, jobs
           w.start()
           running.append(w)
         time.sleep(0.5)
-        running = [w for w in running if w.poll()]
+        still = [w for w in running if w.poll()]
+        if partial_path and len(still) < len(running):
+          pathlib.Path(partial_path).parent.mkdir(parents=True, exist_ok=True)
+          pathlib.Path(partial_path).write_text(json.dumps(dict(
+              done=[w.target.name for w in workers if w not in still and w not in queue],
+              results=[r for w in workers for r in w.results]), indent=1))
+        running = still
     finally:
       for w in running:  # Interrupted: leave no compiler running.
         if w.proc.poll() is None:
