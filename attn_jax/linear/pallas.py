@@ -163,7 +163,7 @@ def _backend(platform: str):
 # [chunk, K] tiles; per-channel decays add [16, chunk] sub-chunk scores and [chunk, K] factors.
 # 16 warps cap ptxas at 128 registers a thread and spill more; 8 is the ceiling that helps.
 _GPU_LAUNCH = {
-    ("scalar", 64, 2): (32, 64, 8), ("scalar", 128, 2): (16, 32, 8), ("scalar", 256, 2): (16, 16, 8),
+    ("scalar", 64, 2): (32, 32, 8), ("scalar", 128, 2): (16, 32, 8), ("scalar", 256, 2): (16, 16, 8),
     ("scalar", 64, 4): (16, 32, 8), ("scalar", 128, 4): (16, 16, 8), ("scalar", 256, 4): (16, 16, 8),
     ("channel", 64, 2): (16, 32, 4), ("channel", 128, 2): (16, 16, 8), ("channel", 256, 2): (16, 16, 8),
     ("channel", 64, 4): (16, 16, 8), ("channel", 128, 4): (16, 16, 8), ("channel", 256, 4): (16, 16, 8),
