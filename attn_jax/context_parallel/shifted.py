@@ -1,0 +1,139 @@
+"""Masks moved to absolute positions: what one device's (query shard, key shard) tile sees.
+
+Under context parallelism a device attends a slice of the queries (global positions
+``q_offset + i``) to a slice of the keys (``kv_offset + j``), and, with heads sharded, to a slice
+of the heads. Each such call is an ordinary :func:`attn_jax.attention` call on local indices, so
+its mask must be the global mask with the offsets added. :func:`shift` builds that mask:
+
+* masks that depend on positions only through differences (full, causal, sliding windows,
+  chunked causal on chunk-aligned key offsets) and sink tokens become the same kind of mask
+  with a new static offset. Two devices whose tiles sit at the same relative position then get
+  *equal* masks, so they share one compiled branch and one BlockMask;
+* anything else (block layouts, user predicates, head-dependent masks, neighborhood masks) is
+  wrapped in :class:`Shifted`, which adds the offsets before evaluating the wrapped mask and
+  keeps its analytic block bounds (they are evaluated on the shifted rectangles), so the local
+  BlockMask is still built from bounds and not element by element.
+
+The wrapped mask is evaluated against the global lengths (``MaskContext(q_len, kv_len)`` of
+the whole sequence), which the default bottom-right alignment of causal-type masks needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from attn_jax import masks as masks_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Shifted(masks_lib.Mask):
+  """``base`` evaluated at ``(q_idx + q_offset, kv_idx + kv_offset, head + head_offset)``.
+
+  Attributes:
+    base: the global mask.
+    q_offset, kv_offset, head_offset: static offsets of the local slice (Python ints).
+    q_len, kv_len: the global lengths ``base`` is evaluated against.
+  """
+
+  base: masks_lib.Mask
+  q_offset: int
+  kv_offset: int
+  head_offset: int
+  q_len: int
+  kv_len: int
+
+  @property
+  def depends_on_head(self):
+    return self.base.depends_on_head
+
+  @property
+  def in_kernel(self):
+    # Adding Python-int constants keeps an in-kernel predicate elementwise.
+    return self.base.in_kernel
+
+  @property
+  def global_context(self) -> masks_lib.MaskContext:
+    return masks_lib.MaskContext(self.q_len, self.kv_len)
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    if head is not None and self.head_offset:
+      head = head + self.head_offset
+    return self.base.evaluate(q_idx + self.q_offset, kv_idx + self.kv_offset, head,
+                              self.global_context, xp)
+
+  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    return self.base.block_bounds(q_lo + self.q_offset, q_hi + self.q_offset, k_lo + self.kv_offset,
+                                  k_hi + self.kv_offset, self.global_context)
+
+  def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    return self.base.block_bounds_exact(q_lo + self.q_offset, q_hi + self.q_offset,
+                                        k_lo + self.kv_offset, k_hi + self.kv_offset,
+                                        self.global_context)
+
+  def validate(self, ctx):
+    # The base mask was validated once against the global lengths; the local slice is smaller.
+    pass
+
+  def __repr__(self):
+    return (f"shifted({self.base!r}, q+{self.q_offset}, kv+{self.kv_offset}"
+            f"{f', head+{self.head_offset}' if self.head_offset else ''})")
+
+
+def _offset(mask, ctx: masks_lib.MaskContext) -> int:
+  return ctx.default_offset if mask.offset is None else mask.offset
+
+
+def shift(mask: masks_lib.Mask, q_offset: int, kv_offset: int, head_offset: int,
+          ctx: masks_lib.MaskContext) -> masks_lib.Mask:
+  """The mask of the local tile whose first query is ``q_offset`` and first key ``kv_offset``.
+
+  Args:
+    mask: the global mask.
+    q_offset, kv_offset: global positions of local index 0.
+    head_offset: global index of local query head 0 (0 without head sharding).
+    ctx: the global lengths.
+
+  Returns:
+    A mask on local indices, in canonical form where the family allows (see the module doc).
+  """
+  q_offset, kv_offset, head_offset = int(q_offset), int(kv_offset), int(head_offset)
+  d = q_offset - kv_offset
+  if type(mask) is masks_lib.Full:
+    return mask
+  if type(mask) is masks_lib.Causal:
+    return masks_lib.Causal(_offset(mask, ctx) + d)
+  if type(mask) is masks_lib.SlidingWindow:
+    return masks_lib.SlidingWindow(mask.left, mask.right, _offset(mask, ctx) + d)
+  if type(mask) is masks_lib.SinkTokens:
+    return masks_lib.SinkTokens(max(0, mask.n - kv_offset))
+  if type(mask) is masks_lib.ChunkedCausal and kv_offset % mask.chunk == 0:
+    # (q + o) // c == (k + n c) // c  <=>  (q + o - n c) // c == k // c: chunk-aligned key
+    # offsets fold into the query offset.
+    return masks_lib.ChunkedCausal(mask.chunk, _offset(mask, ctx) + d)
+  if type(mask) is masks_lib.PrefixLM:
+    parts = masks_lib.SinkTokens(mask.prefix_len) | masks_lib.Causal(_offset(mask, ctx))
+    return shift(parts, q_offset, kv_offset, head_offset, ctx)
+  if type(mask) in (masks_lib.And, masks_lib.Or):
+    return type(mask)(shift(mask.a, q_offset, kv_offset, head_offset, ctx),
+                      shift(mask.b, q_offset, kv_offset, head_offset, ctx))
+  if type(mask) is masks_lib.Not:
+    return masks_lib.Not(shift(mask.a, q_offset, kv_offset, head_offset, ctx))
+  return Shifted(mask, q_offset, kv_offset, head_offset if mask.depends_on_head else 0,
+                 ctx.q_len, ctx.kv_len)
+
+
+def rectangle_bounds(mask: masks_lib.Mask, ctx: masks_lib.MaskContext, q_starts, q_len: int,
+                     kv_starts, kv_len: int):
+  """``(may_any, must_all)`` of ``mask`` on the rectangles ``[q_start, +q_len) x [kv_start, +kv_len)``.
+
+  ``q_starts`` and ``kv_starts`` are 1-D; the result is ``[len(q_starts), len(kv_starts)]``.
+  """
+  q_lo = np.asarray(q_starts, np.int64)[:, None]
+  k_lo = np.asarray(kv_starts, np.int64)[None, :]
+  may, must = mask.block_bounds(q_lo, q_lo + q_len - 1, k_lo, k_lo + kv_len - 1, ctx)
+  shape = (q_lo.shape[0], k_lo.shape[1])
+  may = np.broadcast_to(np.asarray(may, bool), shape)
+  must = np.broadcast_to(np.asarray(must, bool), shape) & may
+  return may, must
