@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 
@@ -10,6 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax import dispatch
+from attn_jax.context_parallel import config as cp_config
+from attn_jax.context_parallel import linear as cp_linear
 from attn_jax.linear import common
 from attn_jax.linear import feature_maps
 from attn_jax.linear import pallas
@@ -85,7 +88,7 @@ def _decay_heads(log_decay, hq, hkv, name="log_decay"):
 
 def linear_attention(q, k, v, *, log_decay=None, feature_map=None, scale=None, normalize=False,
                      causal=True, initial_state=None, return_final_state=False, segment_ids=None,
-                     chunk_size=None, implementation=None, config=None):
+                     chunk_size=None, implementation=None, config=None, context_parallel=None):
   """Linear attention ``S_t = a_t S_{t-1} + phi(k_t) v_t^T``, ``o_t = scale * phi(q_t)^T S_t``.
 
   Layout ``[batch, seq, heads, dim]``. With ``normalize=True`` the output is divided by
@@ -128,6 +131,10 @@ def linear_attention(q, k, v, *, log_decay=None, feature_map=None, scale=None, n
       An explicit choice that cannot serve the call raises ``NotImplementedError``.
     config: backend tunables, e.g. :class:`attn_jax.LinearXlaConfig`; selects its backend when
       ``implementation`` is None.
+    context_parallel: an :class:`attn_jax.ContextParallel`: the sequence is split over its mesh
+      axis; each device runs the backend on its shard and the shards' states are passed on by
+      a prefix scan over the devices (:mod:`attn_jax.context_parallel.linear`). ``T`` must be
+      divisible by the axis size. None: no sequence sharding.
 
   Returns:
     ``o [B, T, Hq, Dv]`` in the dtype of ``q``; with ``return_final_state`` also the state
@@ -230,19 +237,26 @@ def linear_attention(q, k, v, *, log_decay=None, feature_map=None, scale=None, n
                      has_segments=segment_ids is not None,
                      out_dtype=jnp.dtype(jnp.float32) if normalize else jnp.dtype(q.dtype),
                      chunk_size=chunk_size)
-  if causal:
-    o, state = dispatch.dispatch(FAMILY, implementation, fq, fk, v, log_decay, initial_state,
-                                 segment_ids, spec=spec, config=config)
+  if context_parallel is None:
+    run = functools.partial(dispatch.dispatch, FAMILY, implementation)
+  elif isinstance(context_parallel, cp_config.ContextParallel):
+    run = functools.partial(cp_linear.linear_attention, cp=context_parallel, implementation=implementation)
   else:
-    o, state = _non_causal(fq, fk, v, initial_state, segment_ids, spec, implementation, config)
+    raise ValueError(f"context_parallel must be an attn_jax.ContextParallel or None, got "
+                     f"{type(context_parallel).__name__}")
+  if causal:
+    o, state = run(fq, fk, v, log_decay, initial_state, segment_ids, spec=spec, config=config)
+  else:
+    o, state = _non_causal(fq, fk, v, initial_state, segment_ids, spec, run, config)
   if normalize:
     o = o[..., :dv] / (o[..., dv:] + NORMALIZE_EPS)
   o = o.astype(q.dtype)
   return (o, state) if return_final_state else o
 
 
-def _non_causal(fq, fk, v, initial_state, segment_ids, spec, implementation, config):
-  """One global state per document; returns float32 outputs and the state."""
+def _non_causal(fq, fk, v, initial_state, segment_ids, spec, run, config):
+  """One global state per document; returns float32 outputs and the state. ``run`` is the
+  causal backend call (``dispatch.dispatch`` bound to the family and implementation)."""
   b, t, hq, f = fq.shape
   hs, g = spec.num_state_heads, spec.group_size
   hi = jax.lax.Precision.HIGHEST
@@ -257,10 +271,9 @@ def _non_causal(fq, fk, v, initial_state, segment_ids, spec, implementation, con
   # pair of the document once, and the diagonal twice.
   fwd_spec = dataclasses.replace(spec, out_dtype=jnp.dtype(jnp.float32))
   bwd_spec = dataclasses.replace(fwd_spec, has_initial_state=False)
-  o_fwd, state = dispatch.dispatch(FAMILY, implementation, fq, fk, v, None, initial_state, segment_ids,
-                                   spec=fwd_spec, config=config)
-  o_bwd, _ = dispatch.dispatch(FAMILY, implementation, jnp.flip(fq, 1), jnp.flip(fk, 1), jnp.flip(v, 1), None,
-                               None, jnp.flip(segment_ids, 1), spec=bwd_spec, config=config)
+  o_fwd, state = run(fq, fk, v, None, initial_state, segment_ids, spec=fwd_spec, config=config)
+  o_bwd, _ = run(jnp.flip(fq, 1), jnp.flip(fk, 1), jnp.flip(v, 1), None, None, jnp.flip(segment_ids, 1),
+                 spec=bwd_spec, config=config)
   diag = jnp.einsum("btsgk,btsk->btsg", qg, fk, preferred_element_type=jnp.float32, precision=hi)
   diag = (diag[..., None] * v.astype(jnp.float32)[:, :, :, None]).reshape(b, t, hq, spec.value_dim)
   return o_fwd + jnp.flip(o_bwd, 1) - diag, state

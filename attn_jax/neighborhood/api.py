@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn_jax import dispatch
+from attn_jax.context_parallel import config as cp_config
+from attn_jax.context_parallel import neighborhood as cp_neighborhood
 from attn_jax.neighborhood import mask as mask_lib
 from attn_jax.neighborhood import tiling
 from attn_jax.softmax import api as softmax_api
@@ -142,7 +144,7 @@ def _check_array(name, x):
 
 def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, *,
                            sinks=None, additional_keys=None, additional_values=None, scale=None,
-                           implementation=None, return_lse=False, config=None):
+                           implementation=None, return_lse=False, config=None, context_parallel=None):
   """Neighborhood attention over a 1-D, 2-D or 3-D token grid, with NATTEN's semantics.
 
   Each query attends to a window of ``kernel_size`` keys per axis around it (the product over
@@ -198,6 +200,11 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
     implementation: softmax backend (None: the platform's default; ``"xla"``; ``"reference"``).
     return_lse: also return the log-sum-exp ``[B, *spatial, Hq]`` (float32).
     config: a :class:`NeighborhoodConfig` (tile shape); None uses the heuristic.
+    context_parallel: an :class:`attn_jax.ContextParallel`: the leading spatial axis is split
+      over its mesh axis; each device receives the halo rows of K/V its windows reach from its
+      neighbours (``ppermute``, not an all-gather) and attends its own rows
+      (:mod:`attn_jax.context_parallel.neighborhood`). The leading size must be divisible by the
+      axis size; the strategy field is not used. None: no sharding of the grid.
 
   Returns:
     ``out [B, *spatial, Hq, Dv]`` in the dtype of ``q`` (and ``lse`` with ``return_lse``).
@@ -245,6 +252,14 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
     config = NeighborhoodConfig()
   elif not isinstance(config, NeighborhoodConfig):
     raise ValueError(f"config must be a NeighborhoodConfig or None, got {type(config).__name__}")
+  if context_parallel is not None:
+    if not isinstance(context_parallel, cp_config.ContextParallel):
+      raise ValueError(f"context_parallel must be an attn_jax.ContextParallel or None, got "
+                       f"{type(context_parallel).__name__}")
+    return cp_neighborhood.neighborhood_attention(
+        q, k, v, kernel_size, stride, dilation, is_causal, sinks=sinks, additional_keys=additional_keys,
+        additional_values=additional_values, scale=scale, implementation=implementation,
+        return_lse=return_lse, config=config, cp=context_parallel, attend=neighborhood_attention)
   backend = resolve_backend(implementation)
   tile_shape = config.tile_shape
   if tile_shape is None:
