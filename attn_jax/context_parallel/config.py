@@ -17,6 +17,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from attn_jax import dispatch
 from attn_jax import sharding as sharding_lib
 
 STRATEGIES = ("ring", "all_gather")
@@ -240,6 +241,33 @@ def ring_shift(x, axis_name: str, devices: int, shift: int = 1):
   if shift == 0:
     return x
   return lax.ppermute(x, axis_name, [(i, (i + shift) % devices) for i in range(devices)])
+
+
+def kernels_synchronise(implementation, config) -> bool:
+  """Whether the attention kernels run in Pallas TPU interpret mode.
+
+  That interpreter simulates every device of the enclosing mesh together and meets all of them
+  at a barrier in each kernel, so inside ``shard_map`` every device must run the same kernels in
+  the same order; a per-device ``lax.switch`` would deadlock. Real TPU kernels have no such
+  barrier.
+  """
+  name = implementation or getattr(config, "backend", None)
+  if name != "pallas_tpu":
+    return False
+  interpret = getattr(config, "interpret", None)
+  return bool(interpret) or (interpret is None and dispatch.current_platform() != "tpu")
+
+
+def switch(index, branches, *operands, run_all: bool = False):
+  """``lax.switch(index, branches, *operands)``; with ``run_all`` every branch runs and the
+  result of ``index`` is selected (for :func:`kernels_synchronise`: testing only, it does the
+  work of every branch)."""
+  if len(branches) == 1:
+    return branches[0](*operands)
+  if not run_all:
+    return lax.switch(index, branches, *operands)
+  results = [b(*operands) for b in branches]
+  return jax.tree.map(lambda *xs: lax.select_n(index, *xs), *results)
 
 
 def from_active_rules(*lengths: int, num_heads: int | None = None, num_kv_heads: int | None = None,

@@ -131,10 +131,9 @@ def neighborhood_attention(q, k, v, kernel_size, stride, dilation, is_causal, *,
     qb = jnp.pad(q, [(0, 0), (left, right)] + [(0, 0)] * (q.ndim - 2))
     kb, vb = _halo(k, left, right, cp), _halo(v, left, right, cp)
     fns = [functools.partial(run, b) for b in branches]
-    if len(fns) == 1:
-      return fns[0](qb, kb, vb, sinks, ak, av)
     index = jnp.asarray(np.asarray(table, np.int32))[lax.axis_index(cp.axis_name)]
-    return lax.switch(index, fns, qb, kb, vb, sinks, ak, av)
+    return config_lib.switch(index, fns, qb, kb, vb, sinks, ak, av,
+                             run_all=config_lib.kernels_synchronise(implementation, None))
 
   spatial = (None,) * (q.ndim - 4)
   x = cp.spec("batch", "seq", *spatial, "heads", None)

@@ -363,9 +363,9 @@ def _branch_index(plan: Plan, step):
 def _switch(plan: Plan, step, make, *operands):
   """Runs the branch of (step, this device); static when every entry is the same branch."""
   fns = [functools.partial(make, plan, calls) for calls in plan.branches]
-  if len(fns) == 1:
-    return fns[0](*operands)
-  return lax.switch(_branch_index(plan, step), fns, *operands)
+  index = _branch_index(plan, step) if len(fns) > 1 else None
+  return config_lib.switch(index, fns, *operands,
+                           run_all=config_lib.kernels_synchronise(plan.implementation, plan.config))
 
 
 def _gather_kv(plan: Plan, k, v, kv_seg):
