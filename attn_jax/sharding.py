@@ -68,9 +68,13 @@ class AxisRules:
     rules: ``(logical_name, mesh_axes)`` pairs; ``mesh_axes`` is a mesh axis name, a tuple of
       them (the dimension is split over their product), or None (replicated). A logical name
       missing from the rules is replicated.
+    context_parallel: how attention layers reach the keys of other sequence shards when ``seq``
+      is split over a mesh axis of size > 1: ``"ring"`` or ``"all_gather"`` (see
+      :class:`attn_jax.ContextParallel`).
   """
 
   rules: tuple[tuple[str, MeshAxes], ...]
+  context_parallel: str = "ring"
 
   def __post_init__(self):
     seen = set()
@@ -84,6 +88,8 @@ class AxisRules:
       for a in _as_tuple(axes):
         if not isinstance(a, str):
           raise ValueError(f"mesh axes of {name!r} must be strings or None, got {axes!r}")
+    if self.context_parallel not in ("ring", "all_gather"):
+      raise ValueError(f"context_parallel must be 'ring' or 'all_gather', got {self.context_parallel!r}")
 
   def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
     if logical is None:
@@ -94,7 +100,7 @@ class AxisRules:
     """A copy with some logical names remapped, e.g. ``rules.replace(seq="sequence")``."""
     table = dict(self.rules)
     table.update(overrides)
-    return AxisRules(tuple(table.items()))
+    return AxisRules(tuple(table.items()), self.context_parallel)
 
 
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:

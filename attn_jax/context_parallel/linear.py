@@ -78,7 +78,9 @@ def linear_attention(q, k, v, log_decay, initial_state, segment_ids, *, spec: co
   config_lib.check_length(cp, "seq_len", spec.seq_len, 1, spec.chunk_size, "chunk_size")
   config_lib.check_divides(cp, "batch", q.shape[0], cp.batch_axes, cp.batch_shards)
   config_lib.check_divides(cp, "state heads", spec.num_state_heads, cp.head_axes, cp.head_shards)
-  local_spec = dataclasses.replace(spec, seq_len=spec.seq_len // n, has_initial_state=False,
+  heads = cp.head_shards
+  local_spec = dataclasses.replace(spec, seq_len=spec.seq_len // n, num_q_heads=spec.num_q_heads // heads,
+                                   num_state_heads=spec.num_state_heads // heads, has_initial_state=False,
                                    out_dtype=jnp.dtype(jnp.float32))
   channel = spec.decay == common.CHANNEL
 

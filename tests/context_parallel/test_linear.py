@@ -13,6 +13,7 @@ from attn_jax import sharding
 from tests import tolerances
 
 MESH = sharding.make_mesh(data=2, sequence=4)
+HEADS_MESH = sharding.make_mesh(data=2, sequence=2, tensor=2)
 B, T, HQ, HKV, D = 2, 32, 4, 2, 8
 
 
@@ -48,23 +49,26 @@ def _value_and_grads(cp, implementation, config, q, k, v, log_decay, init, **kwa
 
 
 CASES = {
-    # decay: (segments, initial state, other kwargs)
-    "none": (True, False, dict(normalize=True, feature_map="elu+1")),
-    "fixed": (False, True, {}),
-    "step": (True, True, dict(scale=0.5)),
-    "channel": (True, True, {}),
+    # decay: (segments, initial state, heads split over "tensor", other kwargs)
+    "none": (True, False, False, dict(normalize=True, feature_map="elu+1")),
+    "fixed": (False, True, True, {}),
+    "step": (True, True, False, dict(scale=0.5)),
+    "channel": (True, True, True, {}),
 }
 
 
 @pytest.mark.parametrize("decay", sorted(CASES))
 def test_matches_unsharded_reference(decay):
-  use_seg, use_init, kwargs = CASES[decay]
+  use_seg, use_init, split_heads, kwargs = CASES[decay]
   q, k, v, log_decay, key = _inputs(decay)
   if use_seg:
     kwargs = dict(kwargs, segment_ids=_segments())
   hs = HQ if decay == "step" else HKV
   init = jax.random.normal(key, (B, hs, D, D)) if use_init else None
-  cp = attn_jax.ContextParallel(MESH, "sequence", batch_axes="data")
+  if split_heads:
+    cp = attn_jax.ContextParallel(HEADS_MESH, "sequence", batch_axes="data", head_axes="tensor")
+  else:
+    cp = attn_jax.ContextParallel(MESH, "sequence", batch_axes="data")
   got = _value_and_grads(cp, "xla", attn_jax.LinearXlaConfig(chunk_size=4), q, k, v, log_decay, init, **kwargs)
   want = _value_and_grads(None, "reference", None, q, k, v, log_decay, init, **kwargs)
   tolerances.assert_close(got[0], want[0], jnp.float32, "o", factor=2)
