@@ -340,6 +340,16 @@ def shard_map_attention(fn: Callable[..., Any], q, k, v, *, sinks=None, q_segmen
   seg = PartitionSpec(batch, None)
   args = [q, k, v, sinks, q_segment_ids, kv_segment_ids]
   specs = [qs, ks, ks, PartitionSpec(heads), seg, seg]
+  return shard_map_optional(fn, mesh, specs, qs, args)
+
+
+def shard_map_optional(fn: Callable[..., Any], mesh: Mesh, in_specs, out_specs, args, place: bool = False):
+  """``jax.shard_map(fn)(*args)`` where some of ``args`` may be None (passed to ``fn`` as None).
+
+  ``in_specs`` has one entry per argument (a PartitionSpec, or a pytree of them for a pytree
+  argument). With ``place``, the arguments are first put in the layout shard_map expects
+  (:func:`place_for_shard_map`).
+  """
   present = [i for i, a in enumerate(args) if a is not None]
 
   def local(*xs):
@@ -348,9 +358,14 @@ def shard_map_attention(fn: Callable[..., Any], q, k, v, *, sinks=None, q_segmen
       full[i] = x
     return fn(*full)
 
-  mapped = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs[i] for i in present),
-                         out_specs=qs, check_vma=False)
-  return mapped(*(args[i] for i in present))
+  given = [args[i] for i in present]
+  if place:
+    is_spec = lambda s: isinstance(s, PartitionSpec)
+    given = [jax.tree.map(lambda p, x: place_for_shard_map(x, mesh, p), in_specs[i], args[i], is_leaf=is_spec)
+             for i in present]
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs[i] for i in present),
+                         out_specs=out_specs, check_vma=False)
+  return mapped(*given)
 
 
 def _merged_axes(rules, mesh, logical, size, exclude=None):

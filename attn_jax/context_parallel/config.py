@@ -129,21 +129,7 @@ class ContextParallel:
 
   def shard_map(self, fn, in_specs, out_specs, args):
     """``jax.shard_map(fn)`` over ``mesh`` with ``args`` placed as ``in_specs`` say (None kept)."""
-    present = [i for i, a in enumerate(args) if a is not None]
-
-    def local(*xs):
-      full = [None] * len(args)
-      for i, x in zip(present, xs):
-        full[i] = x
-      return fn(*full)
-
-    specs = tuple(in_specs[i] for i in present)
-    is_spec = lambda s: isinstance(s, PartitionSpec)
-    placed = [jax.tree.map(lambda p, x: sharding_lib.place_for_shard_map(x, self.mesh, p), in_specs[i],
-                           args[i], is_leaf=is_spec) for i in present]
-    mapped = jax.shard_map(local, mesh=self.mesh, in_specs=specs, out_specs=out_specs,
-                           check_vma=False)
-    return mapped(*placed)
+    return sharding_lib.shard_map_optional(fn, self.mesh, in_specs, out_specs, args, place=True)
 
 
 def check_length(cp: ContextParallel, name: str, length: int, pieces: int, block: int | None = None,
