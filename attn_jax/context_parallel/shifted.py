@@ -86,7 +86,7 @@ def _offset(mask, ctx: masks_lib.MaskContext) -> int:
 
 
 def shift(mask: masks_lib.Mask, q_offset: int, kv_offset: int, head_offset: int,
-          ctx: masks_lib.MaskContext) -> masks_lib.Mask:
+          ctx: masks_lib.MaskContext, q_size: int | None = None, kv_size: int | None = None) -> masks_lib.Mask:
   """The mask of the local tile whose first query is ``q_offset`` and first key ``kv_offset``.
 
   Args:
@@ -94,11 +94,55 @@ def shift(mask: masks_lib.Mask, q_offset: int, kv_offset: int, head_offset: int,
     q_offset, kv_offset: global positions of local index 0.
     head_offset: global index of local query head 0 (0 without head sharding).
     ctx: the global lengths.
+    q_size, kv_size: the tile's extent. Given, the parts of ``&`` / ``|`` / ``~`` combinations
+      that the block bounds prove never or always visible on the whole tile are dropped, so that
+      e.g. ``sliding_window(w) | sink_tokens(n)`` far from the diagonal becomes plain
+      ``sink_tokens(n)``, the same mask for every device.
 
   Returns:
     A mask on local indices, in canonical form where the family allows (see the module doc).
   """
-  q_offset, kv_offset, head_offset = int(q_offset), int(kv_offset), int(head_offset)
+  out = _shift(mask, int(q_offset), int(kv_offset), int(head_offset), ctx)
+  if q_size is not None:
+    out = _prune(out, int(q_size), int(kv_size))
+    visibility = _visibility(out, int(q_size), int(kv_size))
+    if visibility == _ALWAYS:
+      return masks_lib.Full()
+    if visibility == _NEVER:
+      return masks_lib.Not(masks_lib.Full())
+  return out
+
+
+_NEVER, _SOMETIMES, _ALWAYS = 0, 1, 2
+
+
+def _visibility(mask: masks_lib.Mask, q_size: int, kv_size: int) -> int:
+  may, must = mask.block_bounds(np.asarray(0), np.asarray(q_size - 1), np.asarray(0), np.asarray(kv_size - 1),
+                                masks_lib.MaskContext(q_size, kv_size))
+  return _ALWAYS if bool(np.all(must)) else _NEVER if not bool(np.any(may)) else _SOMETIMES
+
+
+def _prune(mask: masks_lib.Mask, q_size: int, kv_size: int) -> masks_lib.Mask:
+  """Drops the parts of combinations that are constant on the ``q_size x kv_size`` tile."""
+  never = masks_lib.Not(masks_lib.Full())
+  if type(mask) in (masks_lib.And, masks_lib.Or):
+    a, b = _prune(mask.a, q_size, kv_size), _prune(mask.b, q_size, kv_size)
+    va, vb = _visibility(a, q_size, kv_size), _visibility(b, q_size, kv_size)
+    if type(mask) is masks_lib.Or:
+      if _ALWAYS in (va, vb):
+        return masks_lib.Full()
+      return b if va == _NEVER else a if vb == _NEVER else masks_lib.Or(a, b)
+    if _NEVER in (va, vb):
+      return never
+    return b if va == _ALWAYS else a if vb == _ALWAYS else masks_lib.And(a, b)
+  if type(mask) is masks_lib.Not:
+    a = _prune(mask.a, q_size, kv_size)
+    va = _visibility(a, q_size, kv_size)
+    return never if va == _ALWAYS else masks_lib.Full() if va == _NEVER else masks_lib.Not(a)
+  return mask
+
+
+def _shift(mask, q_offset, kv_offset, head_offset, ctx):
   d = q_offset - kv_offset
   if type(mask) is masks_lib.Full:
     return mask
@@ -114,12 +158,12 @@ def shift(mask: masks_lib.Mask, q_offset: int, kv_offset: int, head_offset: int,
     return masks_lib.ChunkedCausal(mask.chunk, _offset(mask, ctx) + d)
   if type(mask) is masks_lib.PrefixLM:
     parts = masks_lib.SinkTokens(mask.prefix_len) | masks_lib.Causal(_offset(mask, ctx))
-    return shift(parts, q_offset, kv_offset, head_offset, ctx)
+    return _shift(parts, q_offset, kv_offset, head_offset, ctx)
   if type(mask) in (masks_lib.And, masks_lib.Or):
-    return type(mask)(shift(mask.a, q_offset, kv_offset, head_offset, ctx),
-                      shift(mask.b, q_offset, kv_offset, head_offset, ctx))
+    return type(mask)(_shift(mask.a, q_offset, kv_offset, head_offset, ctx),
+                      _shift(mask.b, q_offset, kv_offset, head_offset, ctx))
   if type(mask) is masks_lib.Not:
-    return masks_lib.Not(shift(mask.a, q_offset, kv_offset, head_offset, ctx))
+    return masks_lib.Not(_shift(mask.a, q_offset, kv_offset, head_offset, ctx))
   return Shifted(mask, q_offset, kv_offset, head_offset if mask.depends_on_head else 0,
                  ctx.q_len, ctx.kv_len)
 

@@ -135,7 +135,7 @@ def _classify(spec: common.Spec, cp: config_lib.ContextParallel, q_chunk: int, k
   kinds = np.repeat(kinds[None], hs, axis=0)
   for a, b in zip(*np.nonzero(may & ~must)):
     for h in range(hs):
-      local = shifted.shift(spec.mask, q_starts[a], kv_starts[b], h * local_heads, ctx)
+      local = shifted.shift(spec.mask, q_starts[a], kv_starts[b], h * local_heads, ctx, q_chunk, kv_chunk)
       bm = block_mask_lib.make_block_mask(local, q_chunk, kv_chunk, min(q_chunk, _CLASSIFY_BLOCK),
                                           min(kv_chunk, _CLASSIFY_BLOCK),
                                           local_heads if local.depends_on_head else None)
@@ -186,7 +186,7 @@ def _ring_calls(spec, kinds_h, q_layout, kv_layout, i, j, head_offset):
     for b, kind in enumerate(row):
       if kind == EMPTY:
         continue
-      mask = full if kind == FULL else shifted.shift(spec.mask, qc[a] * cq, kc[b] * ck, head_offset, ctx)
+      mask = full if kind == FULL else shifted.shift(spec.mask, qc[a] * cq, kc[b] * ck, head_offset, ctx, cq, ck)
       calls.append(Call(a * cq, (a + 1) * cq, b * ck, (b + 1) * ck, mask))
   return tuple(calls)
 
@@ -206,7 +206,7 @@ def _gather_calls(spec, kinds_h, q_layout, kv_layout, i, head_offset):
     if (row[lo:hi] == FULL).all():
       mask = masks_lib.full()
     else:
-      mask = shifted.shift(spec.mask, chunk * cq, lo * ck, head_offset, ctx)
+      mask = shifted.shift(spec.mask, chunk * cq, lo * ck, head_offset, ctx, cq, (hi - lo) * ck)
     calls.append(Call(a * cq, (a + 1) * cq, lo * ck, hi * ck, mask))
   return tuple(calls)
 

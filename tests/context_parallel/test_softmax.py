@@ -177,6 +177,13 @@ def test_shifted_masks_equal_global_slices():
   assert shifted.shift(masks.causal(), 16, 16, 0, ctx) == shifted.shift(masks.causal(), 32, 32, 0, ctx)
   assert shifted.shift(masks.sliding_window(4), 8, 0, 0, ctx) == masks.sliding_window(4, offset=8 - 8)
   assert isinstance(shifted.shift(_LAYOUT, 8, 0, 0, ctx), shifted.Shifted)
+  # Given the tile's size, parts constant on the tile drop out: far below the diagonal only the
+  # sink tokens of a window-plus-sinks mask remain, the same mask for every such tile.
+  window_sinks = masks.sliding_window(4) | masks.sink_tokens(3)
+  square = masks.MaskContext(48, 48)
+  assert shifted.shift(window_sinks, 32, 0, 0, square, 8, 8) == masks.sink_tokens(3)
+  assert shifted.shift(window_sinks, 16, 16, 0, square, 8, 8) == masks.sliding_window(4, offset=0)
+  assert shifted.shift(masks.causal() & masks.sink_tokens(40), 32, 0, 0, square, 8, 8) == masks.full()
 
 
 def test_bad_input_names_the_values():
