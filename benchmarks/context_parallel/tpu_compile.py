@@ -57,10 +57,13 @@ def _memory(compiled) -> dict:
 
 def run(topology: str, tokens: int, strategy: str, mask_name: str, heads: int, kv_heads: int,
         head_dim: int, batch: int, backward: bool) -> dict:
+  """One compile. ``strategy="none"``: the plain call on the topology's first chip (baseline)."""
   topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
   devices = np.asarray(topo.devices)
+  if strategy == "none":
+    devices = devices.reshape(-1)[:1]
   mesh = Mesh(devices.reshape(-1), ("sequence",))
-  cp = attn_jax.ContextParallel(mesh, "sequence", strategy)
+  cp = None if strategy == "none" else attn_jax.ContextParallel(mesh, "sequence", strategy)
   # The deviceless process's default backend is the CPU: the kernels must be asked for by name
   # and told they compile for hardware.
   config = attn_jax.PallasTpuConfig(interpret=False)
@@ -82,17 +85,20 @@ def run(topology: str, tokens: int, strategy: str, mask_name: str, heads: int, k
   spec = common.Spec(mask=mask, scale=head_dim ** -0.5, logits_soft_cap=None, q_len=tokens, kv_len=tokens,
                      num_q_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
                      has_sinks=False, has_segments=False)
-  plan = cp_softmax.make_plan(spec, cp, "pallas_tpu", config)
-  plan_s = time.time() - plan_start
+  plan_info = None
+  if cp is not None:
+    plan = cp_softmax.make_plan(spec, cp, "pallas_tpu", config)
+    plan_info = {"load_balance": "zigzag" if plan.q_layout.pieces == 2 else "contiguous",
+                 "ring_steps": plan.num_steps, "branches": len(plan.branches),
+                 "device_steps": plan.device_steps, "skipped": plan.skipped,
+                 "host_plan_seconds": round(time.time() - plan_start, 2)}
   compiled = jax.jit(fwd_bwd if backward else fwd).lower(q, kv, kv).compile()
   return {
       "topology": topology, "device_kind": devices.flat[0].device_kind, "chips": int(devices.size),
       "tokens": tokens, "tokens_per_chip": tokens // devices.size, "strategy": strategy, "mask": repr(mask),
       "batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": "bfloat16",
       "pass": "forward+backward" if backward else "forward",
-      "plan": {"load_balance": "zigzag" if plan.q_layout.pieces == 2 else "contiguous",
-               "ring_steps": plan.num_steps, "branches": len(plan.branches),
-               "device_steps": plan.device_steps, "skipped": plan.skipped, "host_plan_seconds": round(plan_s, 2)},
+      "plan": plan_info,
       "memory_per_chip": _memory(compiled),
       "compile_seconds": round(time.time() - start, 1),
   }
@@ -102,7 +108,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--topology", default="v5e:2x2")
   p.add_argument("--tokens", type=int, default=131072)
-  p.add_argument("--strategy", default="ring", choices=["ring", "all_gather"])
+  p.add_argument("--strategy", default="ring", choices=["ring", "all_gather", "none"],
+                 help="'none': the plain call on one chip with --tokens tokens (the baseline)")
   p.add_argument("--mask", default="causal", choices=sorted(MASKS))
   p.add_argument("--heads", type=int, default=32)
   p.add_argument("--kv-heads", type=int, default=8)
