@@ -267,11 +267,14 @@ def make_plan(spec: common.Spec, cp: config_lib.ContextParallel, implementation=
               table.shape[1] * table.shape[2] * (n if cp.strategy == "ring" else 1), skipped,
               implementation, config)
   if key is not None:
+    if len(_PLANS) >= _MAX_PLANS:
+      del _PLANS[next(iter(_PLANS))]  # the oldest
     _PLANS[key] = plan
   return plan
 
 
 _PLANS: dict = {}
+_MAX_PLANS = 256
 
 
 def _check_shapes(plan: Plan, q, k):
