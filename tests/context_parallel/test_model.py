@@ -13,6 +13,7 @@ from flax import nnx
 from attn_jax import layers
 from attn_jax import models
 from attn_jax import sharding
+from attn_jax.context_parallel import softmax as cp_softmax
 from tests import tolerances
 
 TX = optax.adamw(1e-2)
@@ -50,6 +51,9 @@ def test_generation_on_a_sequence_mesh_equals_unsharded():
   prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, cfg.vocab_size)
   tokens, logits = models.generate(model, prompt, max_new_tokens=4, return_logits=True)
   mesh = sharding.make_mesh(sequence=2, tensor=2, devices=jax.devices()[:4])
+  cp_softmax._PLANS.clear()
   s_tokens, s_logits = models.generate(model, prompt, max_new_tokens=4, return_logits=True, mesh=mesh)
+  # The 8-token prefill ran context parallel (a plan was made for the sequence axis).
+  assert any(key[1].axis_name == "sequence" and key[0].q_len == 8 for key in cp_softmax._PLANS)
   np.testing.assert_array_equal(s_tokens, tokens)
   tolerances.assert_close(s_logits, logits, jnp.float32, "sharded generate")
