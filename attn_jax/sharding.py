@@ -47,8 +47,10 @@ __all__ = [
     "named_shardings",
     "use_rules",
     "current",
+    "local_arrays",
     "constrain",
     "shard_map_attention",
+    "shard_map_optional",
     "detect_cluster",
     "initialize_distributed",
 ]
@@ -295,6 +297,21 @@ def use_rules(mesh: Mesh, rules: AxisRules | None = None):
     _ACTIVE.reset(token)
 
 
+@contextlib.contextmanager
+def local_arrays():
+  """Deactivates the rules inside a ``shard_map`` body, whose arrays are per-device shards.
+
+  Code traced there (attention backends, constraints) then treats its arrays as unsharded, as
+  they are: e.g. the cuDNN backend, which refuses a sequence sharded by the active rules, serves
+  the per-device calls of context-parallel attention.
+  """
+  token = _ACTIVE.set(None)
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
 def current() -> tuple[Mesh, AxisRules] | None:
   """The active ``(mesh, rules)``, or None. Kernel adapters read it to build their shard_map."""
   active = _ACTIVE.get()
@@ -356,7 +373,8 @@ def shard_map_optional(fn: Callable[..., Any], mesh: Mesh, in_specs, out_specs, 
     full = [None] * len(args)
     for i, x in zip(present, xs):
       full[i] = x
-    return fn(*full)
+    with local_arrays():
+      return fn(*full)
 
   given = [args[i] for i in present]
   if place:

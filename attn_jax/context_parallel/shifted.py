@@ -139,6 +139,13 @@ def _prune(mask: masks_lib.Mask, q_size: int, kv_size: int) -> masks_lib.Mask:
     a = _prune(mask.a, q_size, kv_size)
     va = _visibility(a, q_size, kv_size)
     return never if va == _ALWAYS else masks_lib.Full() if va == _NEVER else masks_lib.Not(a)
+  if type(mask) is masks_lib.SinkTokens:
+    # Sinks past the tile's keys do not exist here, and causal sinks that every query of the
+    # tile is past are plain sinks: one mask for all the tiles far below the diagonal.
+    n = min(mask.n, kv_size)
+    if mask.causal and n - 1 <= mask.offset:
+      return masks_lib.SinkTokens(n, causal=False)
+    return masks_lib.SinkTokens(n, mask.causal, mask.offset)
   return mask
 
 
@@ -151,13 +158,16 @@ def _shift(mask, q_offset, kv_offset, head_offset, ctx):
   if type(mask) is masks_lib.SlidingWindow:
     return masks_lib.SlidingWindow(mask.left, mask.right, _offset(mask, ctx) + d)
   if type(mask) is masks_lib.SinkTokens:
-    return masks_lib.SinkTokens(max(0, mask.n - kv_offset))
+    # k + dk < n  <=>  k < n - dk; the causal condition moves like a causal mask's.
+    offset = _offset(mask, ctx) + d if mask.causal else None
+    return masks_lib.SinkTokens(max(0, mask.n - kv_offset), mask.causal, offset)
   if type(mask) is masks_lib.ChunkedCausal and kv_offset % mask.chunk == 0:
     # (q + o) // c == (k + n c) // c  <=>  (q + o - n c) // c == k // c: chunk-aligned key
     # offsets fold into the query offset.
     return masks_lib.ChunkedCausal(mask.chunk, _offset(mask, ctx) + d)
   if type(mask) is masks_lib.PrefixLM:
-    parts = masks_lib.SinkTokens(mask.prefix_len) | masks_lib.Causal(_offset(mask, ctx))
+    # A bidirectional prefix (all of it visible to every query) or causal attention.
+    parts = masks_lib.SinkTokens(mask.prefix_len, causal=False) | masks_lib.Causal(_offset(mask, ctx))
     return _shift(parts, q_offset, kv_offset, head_offset, ctx)
   if type(mask) in (masks_lib.And, masks_lib.Or):
     return type(mask)(_shift(mask.a, q_offset, kv_offset, head_offset, ctx),

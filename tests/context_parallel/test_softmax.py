@@ -181,9 +181,31 @@ def test_shifted_masks_equal_global_slices():
   # sink tokens of a window-plus-sinks mask remain, the same mask for every such tile.
   window_sinks = masks.sliding_window(4) | masks.sink_tokens(3)
   square = masks.MaskContext(48, 48)
-  assert shifted.shift(window_sinks, 32, 0, 0, square, 8, 8) == masks.sink_tokens(3)
+  assert shifted.shift(window_sinks, 32, 0, 0, square, 8, 8) == masks.sink_tokens(3, causal=False)
   assert shifted.shift(window_sinks, 16, 16, 0, square, 8, 8) == masks.sliding_window(4, offset=0)
   assert shifted.shift(masks.causal() & masks.sink_tokens(40), 32, 0, 0, square, 8, 8) == masks.full()
+
+
+def test_per_device_calls_run_without_the_sharding_rules():
+  # Inside the shard_map the arrays are per-device shards: backends that consult the active
+  # rules (cuDNN refuses a sequence split by them) must see none there.
+  seen = []
+
+  def visible(q, k):
+    if isinstance(q, jax.core.Tracer):
+      seen.append(sharding.current())
+    return k <= q
+
+  mask = masks.from_fn(visible, in_kernel=True)
+  cp = attn_jax.ContextParallel(MESH, "sequence", batch_axes="data")
+  q = jnp.zeros((2, 32, 2, 8))
+
+  def f(q):
+    with sharding.use_rules(MESH):
+      return attn_jax.attention(q, q, q, mask=mask, context_parallel=cp)
+
+  jax.jit(f).lower(q)
+  assert seen and all(s is None for s in seen)
 
 
 def test_bad_input_names_the_values():

@@ -177,7 +177,7 @@ def test_kernels_lower_for_their_hardware(platform, case):
 
 def test_dispatch_order_and_explicit_choice():
   assert dispatch.platform_order("softmax", "tpu") == ("pallas_tpu", "xla")
-  assert dispatch.platform_order("softmax", "gpu") == ("pallas_gpu", "xla")
+  assert dispatch.platform_order("softmax", "gpu") == ("cudnn", "pallas_gpu", "xla")
   assert dispatch.platform_order("softmax", "cpu") == ("xla",)
   q, k, v, *_ = helpers.make_inputs(0, 1, 8, 8, 1, 1, 16, 16, jnp.float32)
   with pytest.raises(ValueError, match="config must be a PallasTpuConfig"):
