@@ -1,9 +1,14 @@
 r"""The attention benchmark: which mechanism for my task and my sequence length?
 
 Default (``--suite=all``): both halves of a CAB-style comparison on an embedded default that
-needs no download (about 8 minutes on a 2-core CPU)::
+needs no download (about 7 minutes on an idle 2-core CPU)::
 
     python -m experiments.benchmark
+
+The report opens with the recommendation (:func:`experiments.report.recommendation_section`):
+per CAB pattern and length, the fastest and the least-memory mechanism among those of comparable
+MQAR quality (``--comparable_accuracy``), with CAB's efficiency lengths against the dense
+baseline, ``jax.nn.dot_product_attention``.
 
 * quality: MQAR recall accuracy of small LMs trained with each mechanism of
   :mod:`experiments.mechanisms` (every available default one), over model widths, with the size

@@ -140,10 +140,16 @@ def recommend(records, comparable, baseline: str) -> list[dict]:
 _MODE_TITLES = {"fwd_bwd": "training (fwd+bwd)", "fwd": "inference (fwd)"}
 
 
+def _times(x) -> str:
+  return f"{x:.0f}x" if x >= 10 else f"{x:.2g}x"
+
+
 def _ratio(x, what: str) -> str:
   if x is None:
     return ""
-  return f", {x:.0f}x {what}" if x >= 10 else f", {x:.2g}x {what}"
+  if what == "faster" and x < 1:
+    return f", {_times(1 / x)} slower"
+  return f", {_times(x)} {what}"
 
 
 def recommendation_section(records, eff_rows, standing: dict, baseline: str, level: int = 2) -> list[str]:
@@ -167,8 +173,8 @@ def recommendation_section(records, eff_rows, standing: dict, baseline: str, lev
     lines.append("- quality not measured in this run (no quality records, or none for these mechanisms): every "
                  "mechanism counts as comparable, so the table ranks speed and memory alone")
   lines.append(f"- fastest: smallest median time; least memory: smallest compiled temporary memory; ratios "
-               f"against the dense baseline, {baseline}: 'Nx faster' is its time / the pick's, 'Nx the memory' "
-               "the pick's memory / its")
+               f"against the dense baseline, {baseline}: 'Nx faster' ('slower') is its time / the pick's (the "
+               "inverse), 'Nx the memory' the pick's memory / its")
   lines.append(f"- {NOISY_MARK}: the timed runs' spread (max - min) / median exceeded 25 % (a busy machine); such "
                "a point is kept in the tables but left out of the efficiency lengths")
   lines.append("")
