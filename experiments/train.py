@@ -14,6 +14,7 @@ saving on Ctrl-C (SIGINT; a second Ctrl-C stops at once without saving, also 130
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
@@ -68,9 +69,14 @@ def main(argv):
     sys.exit(1)
   except KeyboardInterrupt:
     # A second Ctrl-C (or one before the trainer took over the signal): stop without a traceback.
+    # The trainer's own clean-up has run as the exception left it; os._exit skips the interpreter's
+    # shutdown, where a background thread that the interrupt cut short (Orbax's start-up clean-up
+    # of temporary directories) would print one. A save cut short leaves only a temporary
+    # directory, which the next start removes.
     print("interrupted: stopped without saving; the last checkpoint in --workdir (if any) is kept",
           file=sys.stderr, flush=True)
-    sys.exit(trainer.EXIT_INTERRUPTED)
+    sys.stdout.flush()
+    os._exit(trainer.EXIT_INTERRUPTED)
   if summary["preempted"]:
     sys.exit(trainer.EXIT_CODES.get(summary.get("signal"), trainer.EXIT_PREEMPTED))
   if jax.process_index() == 0:

@@ -90,12 +90,13 @@ class _Preemption:
     del frame
     if self.requested and signum == signal.SIGINT:
       raise KeyboardInterrupt
-    name = signal.Signals(signum).name
-    if not self.requested:
-      self.signal = name
-      self._log(f"{name}: finishing the current step, then saving a checkpoint"
-                + (" (Ctrl-C again stops at once without saving)" if signum == signal.SIGINT else ""))
+    if self.requested:
+      return
+    # Set before logging: a second signal can interrupt this handler while it prints.
     self.requested = True
+    self.signal = name = signal.Signals(signum).name
+    self._log(f"{name}: finishing the current step, then saving a checkpoint"
+              + (" (Ctrl-C again stops at once without saving)" if signum == signal.SIGINT else ""))
 
   def uninstall(self):
     for s, previous in self._previous.items():
@@ -330,16 +331,6 @@ def train(config, workdir: str | None = None, *, show_progress: bool = True, des
       if ckpt is not None:
         ckpt.close()
       raise
-  if preemption.requested and jax.process_count() == 1:
-    # Stopped while restoring: no step was taken, so there is nothing new to save. (Processes of
-    # a multi-process run take the first step and agree on the stop in the loop.)
-    preemption.uninstall()
-    if ckpt is not None:
-      ckpt.close()
-    log(f"{preemption.signal} before the first step: nothing new to save; exiting")
-    return {"step": start, "last_loss": None, "train": {}, "eval": {}, "preempted": True,
-            "signal": preemption.signal, "params_checksum": checkpointing.checksum(state["params"]),
-            "processes": jax.process_count(), "devices": jax.device_count()}
   writer = metrics_lib.Writer(os.path.join(workdir, "tensorboard") if workdir else None, enabled=is_main,
                               resume_step=start if workdir else None)
   progress = metrics_lib.Progress(start, total_steps, config.batch_size * source.tokens_per_example,

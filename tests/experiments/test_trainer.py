@@ -81,16 +81,17 @@ def test_sigterm_saves_then_resumes(baseline, tmp_path):
 def test_ctrl_c_saves_and_exits_130_then_resumes(tmp_path):
   # A sliding window also checks that the resolved window (16 tokens // 4) is what is recorded.
   window = ("--config.model.mechanism=sliding_window",)
-  proc = helpers.start_train(tmp_path, "--config.debug.sleep_per_step=0.4", "--config.checkpoint.every=100",
+  # Six steps of 1 s left after step 2: room for a slow machine to deliver the signal.
+  proc = helpers.start_train(tmp_path, "--config.debug.sleep_per_step=1", "--config.checkpoint.every=100",
                              *window)
-  helpers.wait_for(lambda: any(m["step"] >= 3 for m in helpers.metric_lines(tmp_path)), proc,
-                   what="step 3")
+  helpers.wait_for(lambda: any(m["step"] >= 2 for m in helpers.metric_lines(tmp_path)), proc,
+                   what="step 2")
   proc.send_signal(signal.SIGINT)
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode == 130, out[-4000:]
   assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
   (saved,) = helpers.checkpoint_steps(tmp_path)
-  assert 3 <= saved < 8 and f"SIGINT: saved checkpoint {saved}" in out
+  assert 2 <= saved < 8 and f"SIGINT: saved checkpoint {saved}" in out
   final = helpers.final(tmp_path)
   assert final["preempted"] and final["signal"] == "SIGINT" and final["step"] == saved
   assert "layer 0: AttentionConfig(mechanism='softmax', num_heads=1, window=4)" in out
@@ -104,11 +105,15 @@ def test_ctrl_c_saves_and_exits_130_then_resumes(tmp_path):
 
 
 def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
-  proc = helpers.start_train(tmp_path, "--config.debug.sleep_per_step=3", "--config.checkpoint.every=100")
-  helpers.wait_for(lambda: any(m["step"] >= 1 for m in helpers.metric_lines(tmp_path)), proc, what="step 1")
-  # Step 2 now sleeps 3 s before the loop could stop and save: both Ctrl-Cs land in it.
-  proc.send_signal(signal.SIGINT)
+  proc = helpers.start_train(tmp_path, "--config.debug.sleep_per_step=30", "--config.checkpoint.every=100")
+  # The trainer owns SIGINT once it prints the mixers; its first step then takes 30 s or more
+  # (compilation, then the injected sleep), so both Ctrl-Cs land before anything is saved.
   seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if "mixers (resolved" in line:
+      break
+  proc.send_signal(signal.SIGINT)
   for line in proc.stdout:
     seen.append(line)
     if "finishing the current step" in line:
