@@ -10,11 +10,13 @@ Public API::
 
 from attn_jax import block_mask
 from attn_jax import dispatch
+from attn_jax import inspect
 from attn_jax import masks
 from attn_jax import mechanisms
 from attn_jax import neighborhood
 from attn_jax import sharding
 from attn_jax.block_mask import BlockMask, make_block_mask
+from attn_jax.diagnostics import Explanation, explain
 from attn_jax.linear import feature_maps as linear_feature_maps
 from attn_jax.linear.api import linear_attention, linear_attention_step
 from attn_jax.linear.pallas import PallasGpuConfig as LinearPallasGpuConfig
@@ -31,9 +33,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "explain",
+    "Explanation",
     "masks",
     "block_mask",
     "dispatch",
+    "inspect",
     "sharding",
     "BlockMask",
     "make_block_mask",

@@ -119,9 +119,7 @@ def _backend(platform: str):
     if not isinstance(config, config_type):
       raise ValueError(f"config must be a Linear{config_type.__name__} for implementation={name!r}, "
                        f"got {type(config).__name__}")
-    interpret = config.interpret
-    if interpret is None:
-      interpret = dispatch.current_platform() != platform
+    interpret = dispatch.pallas_interpret(config.interpret, platform)
     chunk = spec.chunk_size or config.chunk_size
     if platform == "tpu":
       if chunk is not None and chunk % 8:
@@ -135,6 +133,7 @@ def _backend(platform: str):
       chunk = chunk or min(64, max(16, dispatch.next_pow2(spec.seq_len)))
       static = _Static(platform, spec, chunk, dispatch.next_pow2(max(16, spec.key_dim)),
                        dispatch.next_pow2(max(16, spec.value_dim)), interpret, config.num_warps, config.num_stages)
+    dispatch.note("chunk", chunk)
     if config.sharding is not None:
       return _sharded(static, config.sharding, q, k, v, log_decay, initial_state, segment_ids)
     return _linear(static, q, k, v, log_decay, initial_state, segment_ids)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
+from attn_jax import _jit_cache
 from attn_jax import dispatch
 from attn_jax.neighborhood import mask as mask_lib
 from attn_jax.neighborhood import tiling
@@ -142,9 +146,14 @@ def _check_array(name, x):
     raise ValueError(f"{name} must be an array, got {type(x).__name__}")
 
 
-def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, *,
-                           sinks=None, additional_keys=None, additional_values=None, scale=None,
-                           implementation=None, return_lse=False, config=None):
+def neighborhood_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int | Sequence[int],
+                           stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1,
+                           is_causal: bool | Sequence[bool] = False, *, sinks: ArrayLike | None = None,
+                           additional_keys: jax.Array | None = None,
+                           additional_values: jax.Array | None = None, scale: float | None = None,
+                           implementation: str | None = None, return_lse: bool = False,
+                           config: NeighborhoodConfig | None = None,
+                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Neighborhood attention over a 1-D, 2-D or 3-D token grid, with NATTEN's semantics.
 
   Each query attends to a window of ``kernel_size`` keys per axis around it (the product over
@@ -247,25 +256,47 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
     config = NeighborhoodConfig()
   elif not isinstance(config, NeighborhoodConfig):
     raise ValueError(f"config must be a NeighborhoodConfig or None, got {type(config).__name__}")
-  backend = resolve_backend(implementation)
-  tile_shape = config.tile_shape
+  if config.tile_shape is not None and len(config.tile_shape) != n:
+    raise ValueError(f"config.tile_shape must have one entry per spatial axis ({n}), got {config.tile_shape}")
+  if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    raise ValueError(f"scale must be a finite Python float (static) or None, got {scale!r}")
+  static = _Static(spatial, kernel_size, stride, dilation, is_causal, float(scale),
+                   resolve_backend(implementation), config, dispatch.state_key(softmax_api.FAMILY))
+  out, lse = _run(static, q, k, v, sinks, additional_keys, additional_values)
+  return (out, lse) if return_lse else out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Static description of a :func:`neighborhood_attention` call after argument checking."""
+
+  spatial: tuple[int, ...]
+  kernel_size: tuple[int, ...]
+  stride: tuple[int, ...]
+  dilation: tuple[int, ...]
+  is_causal: tuple[bool, ...]
+  scale: float
+  backend: str
+  config: NeighborhoodConfig
+  dispatch_state: tuple  # the platform decides the tile rules as well as the backend
+
+
+@_jit_cache.cached
+def _run(st: _Static, q, k, v, sinks, additional_keys, additional_values):
+  """Permute, attend, unpermute: compiled once per :class:`_Static` and array shapes."""
+  tile_shape = st.config.tile_shape
   if tile_shape is None:
-    tile_shape = tiling.choose_tile_shape(spatial, kernel_size, stride, dilation, is_causal,
-                                          config.target_tile_size, tile_volume_rule(backend))
-  elif len(tile_shape) != n:
-    raise ValueError(f"config.tile_shape must have one entry per spatial axis ({n}), got {tile_shape}")
-  layout = tiling.TileLayout(spatial, dilation, tile_shape)
-  mask = mask_lib.NeighborhoodMask(layout, kernel_size, stride, is_causal)
+    tile_shape = tiling.choose_tile_shape(st.spatial, st.kernel_size, st.stride, st.dilation, st.is_causal,
+                                          st.config.target_tile_size, tile_volume_rule(st.backend))
+  layout = tiling.TileLayout(st.spatial, st.dilation, tile_shape)
+  mask = mask_lib.NeighborhoodMask(layout, st.kernel_size, st.stride, st.is_causal)
 
   qp, kp, vp = layout.permute(q), layout.permute(k), layout.permute(v)
   if additional_keys is not None:
     kp = jnp.concatenate([kp, additional_keys], axis=1)
     vp = jnp.concatenate([vp, additional_values], axis=1)
-  out, lse = softmax_api.attention(qp, kp, vp, mask=mask, scale=scale, sinks=sinks,
-                                   implementation=backend,
-                                   config=backend_config(backend, layout.tile_size),
+  out, lse = softmax_api.attention(qp, kp, vp, mask=mask, scale=st.scale, sinks=sinks,
+                                   implementation=st.backend,
+                                   config=backend_config(st.backend, layout.tile_size),
                                    return_lse=True)
-  out = layout.unpermute(out)
-  if return_lse:
-    return out, layout.unpermute(lse)
-  return out
+  return layout.unpermute(out), layout.unpermute(lse)

@@ -7,6 +7,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from attn_jax import dispatch
 from attn_jax import masks as masks_lib
@@ -57,9 +58,13 @@ def _check_static_number(name, value, positive=False):
   return value
 
 
-def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=None,
-              q_segment_ids=None, kv_segment_ids=None, implementation=None, return_lse=False,
-              config=None):
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask | None = None,
+              scale: float | None = None, sinks: ArrayLike | None = None,
+              logits_soft_cap: float | None = None, q_segment_ids: ArrayLike | None = None,
+              kv_segment_ids: ArrayLike | None = None, implementation: str | None = None,
+              return_lse: bool = False,
+              config: xla.XlaConfig | pallas.PallasTpuConfig | pallas.PallasGpuConfig | None = None,
+              ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Softmax attention ``softmax(scale * q k^T + mask) v`` in the ``[batch, seq, heads, dim]`` layout.
 
   Covers the four CAB patterns: non-causal self (``mask=None``), causal self
@@ -119,6 +124,7 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
   elif not isinstance(mask, masks_lib.Mask):
     raise ValueError(f"mask must be an attn_jax.masks.Mask or None, got {type(mask).__name__}")
   mask.validate(masks_lib.MaskContext(tq, tk))
+  masks_lib.check_heads(mask, hq)
 
   scale = 1.0 / math.sqrt(d) if scale is None else _check_static_number("scale", scale)
   if logits_soft_cap is not None:

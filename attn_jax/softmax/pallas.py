@@ -307,9 +307,7 @@ def _attention(platform: str, config_type):
     if not isinstance(config, config_type):
       raise ValueError(f"config must be a {config_type.__name__} for implementation="
                        f"'pallas_{platform}', got {type(config).__name__}")
-    interpret = config.interpret
-    if interpret is None:
-      interpret = dispatch.current_platform() != platform
+    interpret = dispatch.pallas_interpret(config.interpret, platform)
     if config.record_visits is not None and not interpret:
       raise ValueError("record_visits is a debugging aid for interpret mode only")
     if platform == "tpu":
@@ -320,6 +318,7 @@ def _attention(platform: str, config_type):
       if max(spec.head_dim, spec.v_head_dim) > 256:
         raise NotImplementedError(f"head dims above 256 (got {spec.head_dim}, {spec.v_head_dim})")
     st = _Static(platform, spec, bq, bk, bool(interpret), warps, stages, config.record_visits)
+    dispatch.note("block_mask", st.block_mask)
     if config.sharding is not None:
       return _sharded(st, config.sharding, q, k, v, sinks, q_segment_ids, kv_segment_ids)
     return _flash(st, q, k, v, sinks, q_segment_ids, kv_segment_ids, jnp.zeros((1,), jnp.int32))
