@@ -32,10 +32,9 @@ import statistics
 import time
 from typing import Callable
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import attn_jax
 from attn_jax import masks
