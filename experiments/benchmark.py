@@ -44,6 +44,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import tqdm
 
 from attn_jax import dispatch
@@ -186,6 +187,9 @@ def _quality_records_from(path):
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    # jax's INFO lines (backends it could not start) are noise here; --verbosity=0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   bad = [m for m in _MODES.value if m not in efficiency.MODES]
