@@ -141,7 +141,9 @@ _MODE_TITLES = {"fwd_bwd": "training (fwd+bwd)", "fwd": "inference (fwd)"}
 
 
 def _times(x) -> str:
-  return f"{x:.0f}x" if x >= 10 else f"{x:.2g}x"
+  if x >= 10:
+    return f"{x:.0f}x"
+  return f"{x:.1f}x" if x >= 1 else f"{x:.2g}x"
 
 
 def _ratio(x, what: str) -> str:
