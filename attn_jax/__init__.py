@@ -26,7 +26,7 @@ from attn_jax.neighborhood.api import NeighborhoodConfig, neighborhood_attention
 from attn_jax.neighborhood.mask import NeighborhoodMask
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.cudnn import CudnnConfig
-from attn_jax.softmax.pallas import PallasGpuConfig, PallasTpuConfig
+from attn_jax.softmax.pallas import PallasGpuConfig, PallasGpuLaunch, PallasTpuConfig
 from attn_jax.softmax.xla import XlaConfig
 
 __version__ = "0.1.0"
@@ -46,6 +46,7 @@ __all__ = [
     "PallasTpuConfig",
     "PallasGpuConfig",
     "CudnnConfig",
+    "PallasGpuLaunch",
     "neighborhood",
     "neighborhood_attention",
     "NeighborhoodMask",

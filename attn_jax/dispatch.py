@@ -29,7 +29,7 @@ import jax
 from attn_jax import _jit_cache
 
 __all__ = ["register", "backends", "platform_order", "dispatch", "current_platform", "recording",
-           "note", "pallas_interpret", "Attempt", "Choice"]
+           "note", "interpret_mode", "pallas_interpret", "Attempt", "Choice"]
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
 
@@ -73,6 +73,18 @@ def current_platform() -> str:
   platform = jax.default_backend()
   # ROCm and CUDA both lower through the GPU path.
   return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
+def interpret_mode(interpret: bool | None, platform: str) -> bool:
+  """Whether a Pallas kernel of ``platform`` ("tpu" / "gpu") runs in interpret mode.
+
+  Every Pallas config has ``interpret: bool | None``: True and False are obeyed anywhere (False
+  off the kernel's platform is how the compile check lowers the real kernel on a CPU); None
+  means "interpret unless running on the kernel's platform".
+  """
+  if interpret is None:
+    return current_platform() != platform
+  return bool(interpret)
 
 
 def platform_order(family: str, platform: str | None = None) -> tuple[str, ...]:
@@ -152,7 +164,7 @@ def pallas_interpret(requested: bool | None, platform: str) -> bool:
   that falls back to interpret mode, the dispatcher warns once per process and kernel (after the
   backend has accepted the call); an explicit ``interpret=True`` never warns.
   """
-  interpret = current_platform() != platform if requested is None else bool(requested)
+  interpret = interpret_mode(requested, platform)
   note("interpret", interpret)
   note("interpret_implicit", interpret and requested is None)
   return interpret
