@@ -244,15 +244,19 @@ class EfficiencyPreset:
     fields: the entry's fields (``implementation`` included) as ``((name, value), ...)``.
     patterns: the CAB patterns it has a form for. Cross patterns need the entry's
       ``cross_layer``; self patterns run ``layer``, non-causal ones with ``causal=False``.
-    baseline: the dense reference that efficiency lengths are measured against (one preset).
     default: part of the suite's default list.
+    quality: the quality preset whose MQAR accuracy stands for this one in the benchmark's
+      recommendation (None: its quality is not measured).
+
+  The dense baseline that efficiency lengths are measured against is not a preset: it is
+  ``jax.nn.dot_product_attention`` (:data:`experiments.efficiency.BASELINE`).
   """
 
   name: str
   fields: tuple[tuple[str, Any], ...] = ()
   patterns: tuple[str, ...] = ("noncausal_self", "causal_self")
-  baseline: bool = False
   default: bool = True
+  quality: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,10 +400,12 @@ def mixer_config(name: str, **fields) -> MixerConfig:
 
 def _backend_runs_on(backend: str, platform: str) -> bool:
   # A Pallas kernel runs on its own platform, or on a CPU in interpret mode; never on the other
-  # accelerator.
+  # accelerator. cuDNN has no interpret mode: it needs the GPU.
   for kernel_platform in ("tpu", "gpu"):
     if backend == f"pallas_{kernel_platform}":
       return platform in (kernel_platform, "cpu")
+  if backend == "cudnn":
+    return platform == "gpu"
   return True
 
 
@@ -419,6 +425,9 @@ def check(config: MixerConfig, platform: str | None = None) -> MixerEntry:
       raise UnsupportedConfigError(
           f"mixer {entry.name!r}: implementation={impl!r} is not available in this installation "
           f"(available: {sorted(available)})")
+    if impl == "cudnn" and platform != "gpu":
+      raise UnsupportedConfigError(
+          f"mixer {entry.name!r}: implementation='cudnn' needs an NVIDIA GPU, platform is {platform!r}")
     if not _backend_runs_on(impl, platform):
       raise UnsupportedConfigError(
           f"mixer {entry.name!r}: implementation={impl!r} cannot run on platform {platform!r}")

@@ -170,6 +170,14 @@ def test_backend_that_cannot_run_here_fails_at_construction(monkeypatch):
   registry.check(cfg, platform="gpu")
   registry.check(cfg, platform="cpu")  # interpret mode
   assert "pallas_gpu" not in layers.mixer_entry("softmax").backends_here("tpu")
+  # cuDNN has no interpret mode: it needs the GPU.
+  cfg = layers.mixer_config("softmax", implementation="cudnn")
+  for platform in ("cpu", "tpu"):
+    with pytest.raises(layers.UnsupportedConfigError, match="implementation='cudnn' needs an NVIDIA GPU"):
+      registry.check(cfg, platform=platform)
+    assert "cudnn" not in layers.mixer_entry("softmax").backends_here(platform)
+  registry.check(cfg, platform="gpu")
+  assert "cudnn" in layers.mixer_entry("softmax").backends_here("gpu")
 
 
 def test_removed_flat_config_says_what_replaced_it():

@@ -78,5 +78,6 @@ registry.register(registry.MixerEntry(
                 "O(1) decoding state",
     paper="Feng et al. 2024, Attention as an RNN (arXiv:2405.13956)",
     quality=(registry.QualityPreset("aaren", description="Aaren"),),
-    efficiency=(registry.EfficiencyPreset("aaren (jnp scan)", patterns=("causal_self",), default=False),),
+    efficiency=(registry.EfficiencyPreset("aaren (jnp scan)", patterns=("causal_self",), default=False,
+                                          quality="aaren"),),
 ))

@@ -167,5 +167,5 @@ registry.register(registry.MixerEntry(
                                                          "paper's sweep (the CPU default's Based)"),
     ),
     efficiency=(registry.EfficiencyPreset("based (xla)", (("implementation", "xla"),), patterns=("causal_self",),
-                                          default=False),),
+                                          default=False, quality="based"),),
 ))

@@ -126,5 +126,5 @@ registry.register(registry.MixerEntry(
           "(arXiv:2312.06635)",
     quality=(registry.QualityPreset("gla", description="GLA, key width head_dim / 2"),),
     efficiency=(registry.EfficiencyPreset("gla (xla)", (("implementation", "xla"),), patterns=("causal_self",),
-                                          default=False),),
+                                          default=False, quality="gla"),),
 ))

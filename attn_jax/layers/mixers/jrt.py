@@ -116,5 +116,5 @@ registry.register(registry.MixerEntry(
     quality=(registry.QualityPreset("jrt", lambda t: dict(prefix_len=max(1, t.prefix_len)),
                                     description="JRT-Prefix over the task's context (MQAR: the key-value pairs)"),),
     efficiency=(registry.EfficiencyPreset("jrt (xla)", (("implementation", "xla"), ("prefix_len", 64)),
-                                          patterns=("causal_self",), default=False),),
+                                          patterns=("causal_self",), default=False, quality="jrt"),),
 ))

@@ -95,5 +95,6 @@ registry.register(registry.MixerEntry(
     paper="Qin et al. 2024, You only scan once: efficient multi-dimension sequential modeling with "
           "LightNet (arXiv:2405.21022)",
     quality=(registry.QualityPreset("lightnet", description="LightNet additive recurrence"),),
-    efficiency=(registry.EfficiencyPreset("lightnet (xla)", (("implementation", "xla"),), default=False),),
+    efficiency=(registry.EfficiencyPreset("lightnet (xla)", (("implementation", "xla"),), default=False,
+                                          quality="lightnet"),),
 ))

@@ -107,5 +107,5 @@ registry.register(registry.MixerEntry(
     paper="Qin et al. 2024, Lightning Attention-2 (arXiv:2401.04658); TransNormerLLM (arXiv:2307.14995)",
     quality=(registry.QualityPreset("lightning", description="Lightning Attention-2 layer"),),
     efficiency=(registry.EfficiencyPreset("lightning (xla)", (("implementation", "xla"),),
-                                          patterns=("causal_self",)),),
+                                          patterns=("causal_self",), quality="lightning"),),
 ))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import attn_jax
+from attn_jax.context_parallel import config as context_parallel
 from attn_jax.layers import cache as cache_lib
 from attn_jax.layers import nn
 from attn_jax.layers import registry
@@ -145,9 +146,15 @@ class LinearMixer(nnx.Module):
 
   def _call(self, q, k, v, log_decay, *, initial_state=None, return_final_state=False, segment_ids=None):
     c = self.config
+    # Context parallel when the active rules split seq (passed only then: a stand-in primitive
+    # with the original signature keeps working).
+    cp = context_parallel.from_active_rules(q.shape[1], k.shape[1], num_heads=q.shape[2],
+                                            num_kv_heads=k.shape[2], batch=q.shape[0])
+    extra = {} if cp is None else {"context_parallel": cp}
     return primitive()(q, k, v, log_decay=log_decay, feature_map=c.feature_map, normalize=c.normalize,
                        causal=c.causal, initial_state=initial_state, return_final_state=return_final_state,
-                       segment_ids=segment_ids, chunk_size=c.chunk_size, implementation=c.implementation)
+                       segment_ids=segment_ids, chunk_size=c.chunk_size, implementation=c.implementation,
+                       **extra)
 
   def __call__(self, x, *, segment_ids=None, **unused):
     """``x [B, T, C]`` -> ``[B, T, C]``; ``segment_ids`` reset the state between documents."""
@@ -202,6 +209,6 @@ registry.register(registry.MixerEntry(
                                description="linear attention with a data-dependent decay (simple GLA / Mamba-2)"),
     ),
     efficiency=(
-        registry.EfficiencyPreset("linear elu+1 (xla)", (("implementation", "xla"),)),
+        registry.EfficiencyPreset("linear elu+1 (xla)", (("implementation", "xla"),), quality="linear"),
     ),
 ))

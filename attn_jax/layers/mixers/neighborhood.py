@@ -155,5 +155,5 @@ registry.register(registry.MixerEntry(
     quality=(registry.QualityPreset("neighborhood", lambda t: dict(kernel_size=max(2, t.seq_len // 4)),
                                     description="causal 1D neighborhood of seq_len / 4 tokens"),),
     efficiency=(registry.EfficiencyPreset("neighborhood k=64 (default backend)", (("kernel_size", 64),),
-                                          default=False),),
+                                          default=False, quality="neighborhood"),),
 ))

@@ -110,5 +110,5 @@ registry.register(registry.MixerEntry(
     paper="Sun et al. 2023, Retentive network: a successor to Transformer (arXiv:2307.08621)",
     quality=(registry.QualityPreset("retnet", description="multi-scale retention"),),
     efficiency=(registry.EfficiencyPreset("retnet (xla)", (("implementation", "xla"),), patterns=("causal_self",),
-                                          default=False),),
+                                          default=False, quality="retnet"),),
 ))

@@ -91,5 +91,6 @@ registry.register(registry.MixerEntry(
     description="gated causal depthwise convolution over the last conv_size tokens",
     paper="Fu et al. 2023, Hungry Hungry Hippos (arXiv:2212.14052); Arora et al. 2024, Based",
     quality=(registry.QualityPreset("short_conv", description="gated short convolution of width 4"),),
-    efficiency=(registry.EfficiencyPreset("short_conv", patterns=("causal_self",), default=False),),
+    efficiency=(registry.EfficiencyPreset("short_conv", patterns=("causal_self",), default=False,
+                                          quality="short_conv"),),
 ))

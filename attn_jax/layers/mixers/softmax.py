@@ -20,6 +20,7 @@ from flax import nnx
 import attn_jax
 from attn_jax import masks as masks_lib
 from attn_jax import sharding
+from attn_jax.context_parallel import config as context_parallel
 from attn_jax.layers import cache as cache_lib
 from attn_jax.layers import registry
 from attn_jax.layers import rope as rope_lib
@@ -122,7 +123,8 @@ class SoftmaxConfig(registry.MixerConfig):
     for p in parts[1:]:
       mask = mask & p
     if self.num_sink_tokens:
-      mask = mask | masks_lib.sink_tokens(self.num_sink_tokens)
+      # Non-causal (encoder) sinks are global tokens: visible to every query.
+      mask = mask | masks_lib.sink_tokens(self.num_sink_tokens, causal=self.causal)
       if self.causal:
         # A sink must not expose a future token to the first num_sink_tokens queries.
         mask = mask & masks_lib.causal()
@@ -130,14 +132,20 @@ class SoftmaxConfig(registry.MixerConfig):
 
 
 def _softmax_attention(config, q, k, v, mask, sinks, q_segment_ids, kv_segment_ids):
-  """``attn_jax.attention`` with the config's options, inside shard_map when the config asks."""
+  """``attn_jax.attention`` with the config's options, inside shard_map when the config asks.
+
+  When the active sharding rules split ``seq`` over a mesh axis (and the lengths divide), the
+  call is context parallel: the primitive shards the sequence (and batch / heads) itself.
+  """
+  cp = context_parallel.from_active_rules(q.shape[1], k.shape[1], num_heads=q.shape[2],
+                                          num_kv_heads=k.shape[2], batch=q.shape[0])
 
   def fn(q, k, v, sinks, q_seg, kv_seg):
     return attn_jax.attention(q, k, v, mask=mask, sinks=sinks, logits_soft_cap=config.logits_soft_cap,
                               q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                              implementation=config.implementation)
+                              implementation=config.implementation, context_parallel=cp)
 
-  if config.uses_shard_map:
+  if cp is None and config.uses_shard_map:
     out = sharding.shard_map_attention(fn, q, k, v, sinks=sinks, q_segment_ids=q_segment_ids,
                                        kv_segment_ids=kv_segment_ids)
   else:
@@ -332,11 +340,12 @@ registry.register(registry.MixerEntry(
                                description="chunked causal attention, chunks of seq_len / 4"),
     ),
     efficiency=(
-        registry.EfficiencyPreset("dense (reference)", (("implementation", "reference"),), baseline=True,
-                                  patterns=("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")),
         registry.EfficiencyPreset("flash (xla)", (("implementation", "xla"),),
-                                  patterns=("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")),
+                                  patterns=("noncausal_self", "causal_self", "noncausal_cross", "causal_cross"),
+                                  quality="softmax"),
+        # The quality suite's sliding window is a quarter of its task, without sinks.
         registry.EfficiencyPreset("window256+4sinks (xla)",
-                                  (("implementation", "xla"), ("window", 256), ("num_sink_tokens", 4))),
+                                  (("implementation", "xla"), ("window", 256), ("num_sink_tokens", 4)),
+                                  quality="sliding_window"),
     ),
 ))
