@@ -208,8 +208,22 @@ def _tokens_last(x, st: _Static, width):
   return x[:, :, :st.spec.seq_len, :width].transpose(0, 2, 1, 3)
 
 
-def _factors(st: _Static, log_decay, segment_ids, batch):
-  """Keyword arguments of the kernels: per-token factors in the kernel's layout (or nothing)."""
+def _features_first(x, st: _Static, width):
+  """``[B, T, H, X] -> [B, H, X_pad, T_pad]`` (the GPU backward kernels' layout of q and k)."""
+  t_pad = common.round_up(x.shape[1], st.chunk)
+  return _pad_to(x.transpose(0, 2, 3, 1), (width, t_pad))
+
+
+def _features_last(x, st: _Static, width):
+  """``[B, H, X_pad, T_pad] -> [B, T, H, width]``."""
+  return x[:, :, :width, :st.spec.seq_len].transpose(0, 3, 1, 2)
+
+
+def _factors(st: _Static, log_decay, segment_ids, batch, feature_major=False):
+  """Keyword arguments of the kernels: per-token factors in the kernel's layout (or nothing).
+
+  ``feature_major``: per-channel factors as ``[B, Hs, K_pad, T_pad]`` (the GPU backward kernels).
+  """
   s = st.spec
   has_decay = s.decay != common.NONE
   if not (has_decay or s.has_segments):
@@ -219,7 +233,7 @@ def _factors(st: _Static, log_decay, segment_ids, batch):
   n = tp // c
   f = xla.chunk_factors(log_decay, segment_ids, spec=s, batch=batch, chunk=c)
   if s.decay == common.CHANNEL:
-    return _channel_factors(st, f, segment_ids, batch)
+    return _channel_factors(st, f, segment_ids, batch, feature_major)
   shape = (batch, s.num_state_heads, n, c)
   qf = jnp.broadcast_to(f.q_factor, shape).reshape(batch, s.num_state_heads, tp)
   kf = jnp.broadcast_to(f.k_factor, shape).reshape(batch, s.num_state_heads, tp)
@@ -237,7 +251,7 @@ def _factors(st: _Static, log_decay, segment_ids, batch):
   return out
 
 
-def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch):
+def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch, feature_major=False):
   """Per-channel decays: ``[B, Hs, T, K_pad]`` decay and factors and the per-chunk carry columns.
 
   The padded feature columns get zeros (their q, k, state rows are zero, so any finite value
@@ -247,8 +261,10 @@ def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch):
   hs, tp = s.num_state_heads, common.round_up(s.seq_len, st.chunk)
   n = tp // st.chunk
 
-  def tokens(x):  # [B or 1, Hs or 1, N, C, K] -> [B, Hs, T, K_pad]
+  def tokens(x):  # [B or 1, Hs or 1, N, C, K] -> [B, Hs, T, K_pad] (or [B, Hs, K_pad, T])
     x = jnp.broadcast_to(x, (batch, hs, n, st.chunk, s.key_dim)).reshape(batch, hs, tp, s.key_dim)
+    if feature_major:
+      return _pad_to(x.transpose(0, 1, 3, 2), (st.key_pad, None))
     return _pad_to(x, (st.key_pad,))
 
   carry = _pad_to(jnp.broadcast_to(f.carry, (batch, hs, n, s.key_dim)), (st.key_pad,))
@@ -313,16 +329,21 @@ def _linear_bwd(st: _Static, residuals, cotangents):
   # The final-state gradient enters the backward sweep of one query head per group only.
   dst = _pad_to(d_state.astype(jnp.float32), (st.key_pad, st.value_pad))
   dst = jnp.zeros((b, hs, g) + dst.shape[2:], jnp.float32).at[:, :, 0].set(dst).reshape(b, hq, *dst.shape[2:])
+  # The GPU backward kernels take q, k (and per-channel factors) feature-major and return dq, dk
+  # the same way (see pallas_kernels.linear_gpu.backward).
+  gpu = st.platform == "gpu"
+  keys_in = _features_first if gpu else _heads_first
+  keys_out = _features_last if gpu else _tokens_last
   dq, dk, dv, ds0 = _kernels(st).backward(
-      _heads_first(q, st, st.key_pad), _heads_first(k, st, st.key_pad), _heads_first(v, st, st.value_pad),
+      keys_in(q, st, st.key_pad), keys_in(k, st, st.key_pad), _heads_first(v, st, st.value_pad),
       _initial_state(st, s0, b), _heads_first(d_out, st, st.value_pad), dst,
-      **_factors(st, log_decay, segment_ids, b), **_launch_options(st))
+      **_factors(st, log_decay, segment_ids, b, feature_major=gpu), **_launch_options(st))
 
   def group_sum(x):  # [B, Hq, ...] -> [B, Hs, ...]
     return x.reshape((b, hs, g) + x.shape[2:]).sum(axis=2)
 
-  dq = _tokens_last(dq, st, s.key_dim).astype(jnp.float32)
-  dk = _tokens_last(group_sum(dk), st, s.key_dim)
+  dq = keys_out(dq, st, s.key_dim).astype(jnp.float32)
+  dk = keys_out(group_sum(dk), st, s.key_dim)
   dv = _tokens_last(group_sum(dv), st, s.value_dim)
   ds0 = group_sum(ds0)[:, :, :s.key_dim, :s.value_dim] if s0 is not None else None
   d_decay = None
