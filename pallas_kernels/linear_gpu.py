@@ -164,13 +164,12 @@ def _channel_blocks(r, base, chunk, sub, has_segments, queries):
     yield start, blk, mask, dict(rows=rows, rows_all=rows_all, cols=cols)
 
 
-def _carry(r, c, kd):
-  return r["carry"][pl.ds(c * kd, kd)][:, None]  # [K, 1]
+def _carry(r, c):
+  return r["carry"][:, pl.ds(c, 1)]  # [K, 1] of the [K, N] carries
 
 
 def linear_fwd_channel_kernel(*refs, chunk, sub, num_chunks, has_segments):
   r, (s0_ref, o_ref, st_ref) = _channel_unpack(refs, has_segments)
-  kd = r["q"].shape[-1]
 
   def body(c, state):
     sl = pl.ds(c * chunk, chunk)
@@ -182,7 +181,7 @@ def linear_fwd_channel_kernel(*refs, chunk, sub, num_chunks, has_segments):
                               mask=mask, dtype=dt, **idx)
       o = lc.dot(a, v, lc.NN, dt) + lc.dot(lc.scale_rows(q_i, r["qf"][blk, :]), state, lc.NN, dt)
       o_ref[blk, :] = o.astype(o_ref.dtype)
-    return _carry(r, c, kd) * state + lc.dot(lc.scale_rows(k, r["kf"][sl, :]), v, lc.TN, dt)
+    return _carry(r, c) * state + lc.dot(lc.scale_rows(k, r["kf"][sl, :]), v, lc.TN, dt)
 
   st_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
 
@@ -287,7 +286,6 @@ def linear_bwd_dq_channel_kernel(*refs, chunk, sub, num_chunks, has_segments):
   """dQ, per-channel decays, forwards in time; ``q``, ``k``, ``b``, ``qf``, ``kf`` refs and the
   output are feature-major ``[K, T]``."""
   r, (do_ref, s0_ref, dq_ref) = _channel_unpack(refs, has_segments)
-  kd = r["q"].shape[0]
 
   def body(c, state):
     sl = pl.ds(c * chunk, chunk)
@@ -299,7 +297,7 @@ def linear_bwd_dq_channel_kernel(*refs, chunk, sub, num_chunks, has_segments):
       _, dqt = channel_block_t(None, r["k"][:, blk], r["b"][:, blk], kt, bt, start=start, queries=True,
                                grad_t=grad_t, dtype=dt, scores=False, **idx)
       dq_ref[:, blk] = (dqt + lc.dot(state, do_i, lc.NT, dt) * r["qf"][:, blk]).astype(dq_ref.dtype)
-    return _carry(r, c, kd) * state + lc.dot(kt.astype(jnp.float32) * r["kf"][:, sl], v, lc.NN, dt)
+    return _carry(r, c) * state + lc.dot(kt.astype(jnp.float32) * r["kf"][:, sl], v, lc.NN, dt)
 
   lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
 
@@ -308,7 +306,6 @@ def linear_bwd_dkv_channel_kernel(*refs, chunk, sub, num_chunks, has_segments):
   """dK and dV, per-channel decays, backwards in time; ``q``, ``k``, ``b``, ``qf``, ``kf`` refs and
   ``dk`` are feature-major ``[K, T]``."""
   r, (do_ref, dst_ref, dk_ref, dv_ref, ds0_ref) = _channel_unpack(refs, has_segments)
-  kd = r["q"].shape[0]
 
   def body(i, dstate):
     c = num_chunks - 1 - i
@@ -324,51 +321,35 @@ def linear_bwd_dkv_channel_kernel(*refs, chunk, sub, num_chunks, has_segments):
       a = jnp.where(mask, a, 0.0)  # A[:, J], rows queries
       dv = lc.dot(a, do, lc.TN, dt) + lc.dot(kt_j.astype(jnp.float32) * kft_j, dstate, lc.TN, dt)
       dv_ref[blk, :] = dv.astype(dv_ref.dtype)
-    return _carry(r, c, kd) * dstate + lc.dot(qt.astype(jnp.float32) * r["qf"][:, sl], do, lc.NN, dt)
+    return _carry(r, c) * dstate + lc.dot(qt.astype(jnp.float32) * r["qf"][:, sl], do, lc.NN, dt)
 
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
 
 
-def _keys_tile(t, kd, feature_major):
-  return (None, None, kd, t) if feature_major else (None, None, t, kd)
-
-
-def _channel_in_specs(shape, group, num_chunks, has_segments, vb, feature_major):
-  t, kd, _ = shape
-  tile = _keys_tile(t, kd, feature_major)
-  kv = lambda b, h, j: (b, lax.div(h, group), 0, 0)
-  specs = [pl.BlockSpec(tile, lambda b, h, j: (b, h, 0, 0)),
-           pl.BlockSpec(tile, kv),
-           pl.BlockSpec((None, None, t, vb), lambda b, h, j: (b, lax.div(h, group), 0, j)),
-           pl.BlockSpec(tile, kv)]
-  if has_segments:
-    specs.append(pl.BlockSpec((None, t), lambda b, h, j: (b, 0)))
-  specs += [pl.BlockSpec(tile, kv), pl.BlockSpec(tile, kv),
-            pl.BlockSpec((None, None, num_chunks * kd), lambda b, h, j: (b, lax.div(h, group), 0))]
-  return specs
-
-
-def _in_specs(shape, group, has_decay, has_segments, has_factors, vb, feature_major):
-  t, kd, _ = shape
-  tile = _keys_tile(t, kd, feature_major)
-  kv = lambda b, h, j: (b, lax.div(h, group), 0, 0)
-  specs = [pl.BlockSpec(tile, lambda b, h, j: (b, h, 0, 0)),
-           pl.BlockSpec(tile, kv),
-           pl.BlockSpec((None, None, t, vb), lambda b, h, j: (b, lax.div(h, group), 0, j))]
-  vec = pl.BlockSpec((None, None, t), lambda b, h, j: (b, lax.div(h, group), 0))
+def _in_specs(t, kb, vb, group, num_chunks, *, feature_major, channel, has_decay, has_segments,
+              has_factors):
+  """Input specs over the grid ``(B, Hq, V / Vb, K / Kb)``: ``[T, Kb]`` tiles of q, k (and of the
+  per-channel ``b``, ``qf``, ``kf``), or ``[Kb, T]`` when ``feature_major``; ``[T, Vb]`` of v; the
+  per-channel carry as ``[Kb, N]``."""
+  tile = (None, None, kb, t) if feature_major else (None, None, t, kb)
+  at = (lambda b, h, i: (b, h, i, 0)) if feature_major else (lambda b, h, i: (b, h, 0, i))
+  q_spec = pl.BlockSpec(tile, lambda b, h, j, i: at(b, h, i))
+  keys = pl.BlockSpec(tile, lambda b, h, j, i: at(b, lax.div(h, group), i))
+  specs = [q_spec, keys, pl.BlockSpec((None, None, t, vb), lambda b, h, j, i: (b, lax.div(h, group), 0, j))]
+  vec = pl.BlockSpec((None, None, t), lambda b, h, j, i: (b, lax.div(h, group), 0))
+  runs = pl.BlockSpec((None, t), lambda b, h, j, i: (b, 0))
+  if channel:
+    specs.append(keys)
+    if has_segments:
+      specs.append(runs)
+    return specs + [keys, keys, pl.BlockSpec((None, None, kb, num_chunks), lambda b, h, j, i: (b, lax.div(h, group), i, 0))]
   if has_decay:
     specs.append(vec)
   if has_segments:
-    specs.append(pl.BlockSpec((None, t), lambda b, h, j: (b, 0)))
+    specs.append(runs)
   if has_factors:
     specs += [vec, vec]
   return specs
-
-
-def _extras(b, r, qf, kf):
-  flags = dict(has_decay=b is not None, has_segments=r is not None, has_factors=qf is not None)
-  arrays = [x for x in (b, r, qf, kf) if x is not None]
-  return arrays, flags
 
 
 def _sub_chunk(chunk, sub_chunk):
@@ -391,110 +372,134 @@ def _value_block(vd, block_v):
   return vb
 
 
-def _setup(q, k, v, b, r, qf, kf, carry, chunk, sub_chunk, block_v, feature_major=False):
-  """Kernel flags, extra arrays and input specs shared by the forward and backward calls."""
+def _key_block(kd, block_k):
+  kb = block_k or kd
+  if kb < 16 or kb & (kb - 1) or kd % kb:
+    raise ValueError(f"block_k must be a power of two >= 16 dividing the key dim ({kd}), got {block_k}")
+  return kb
+
+
+def _setup(q, k, v, b, r, qf, kf, carry, *, chunk, sub_chunk, block_v, block_k, feature_major):
+  """Kernel flags, extra arrays, input specs and sizes shared by the forward and backward calls."""
   t, kd = (q.shape[3], q.shape[2]) if feature_major else (q.shape[2], q.shape[3])
   vd = v.shape[3]
   group = q.shape[1] // k.shape[1]
-  vb = _value_block(vd, block_v)
-  if carry is not None:
+  vb, kb = _value_block(vd, block_v), _key_block(kd, block_k)
+  channel = carry is not None
+  if channel:
     flags = dict(sub=_sub_chunk(chunk, sub_chunk), has_segments=r is not None)
-    specs = _channel_in_specs((t, kd, vd), group, t // chunk, r is not None, vb, feature_major)
     arrays = [x for x in (b, r, qf, kf, carry) if x is not None]
   else:
-    arrays, flags = _extras(b, r, qf, kf)
-    specs = _in_specs((t, kd, vd), group, vb=vb, feature_major=feature_major, **flags)
-  return flags, arrays, specs, vb
+    flags = dict(has_decay=b is not None, has_segments=r is not None, has_factors=qf is not None)
+    arrays = [x for x in (b, r, qf, kf) if x is not None]
+  specs = _in_specs(t, kb, vb, group, t // chunk, feature_major=feature_major, channel=channel,
+                    has_decay=b is not None, has_segments=r is not None, has_factors=qf is not None)
+  grid = (q.shape[0], q.shape[1], vd // vb, kd // kb)
+  return flags, arrays, specs, dict(t=t, kd=kd, vd=vd, vb=vb, kb=kb, group=group, grid=grid)
 
 
 def forward(q, k, v, s0, *, b=None, r=None, qf=None, kf=None, carry=None, chunk: int, out_dtype,
-            sub_chunk: int | None = None, block_v: int | None = None, num_warps=None, num_stages=None,
-            interpret: bool = False):
+            sub_chunk: int | None = None, block_v: int | None = None, block_k: int | None = None,
+            num_warps=None, num_stages=None, interpret: bool = False):
   """Forward pass. Returns ``(o [B, Hq, T, V] out_dtype, final state [B, Hq, K, V] float32)``.
 
   Args:
     q: ``[B, Hq, T, K]``; k: ``[B, Hs, T, K]``; v: ``[B, Hs, T, V]``; s0: ``[B, Hs, K, V]`` f32.
     b: ``[B, Hs, T]`` chunk-local cumulative log decay; r: ``[B, T]`` int32 run index;
     qf, kf: ``[B, Hs, T]`` float32 query / key factors (see linear_common).
-    carry: per-channel decays only: ``[B, Hs, N * K]`` float32 state carry of each chunk; ``b``,
+    carry: per-channel decays only: ``[B, Hs, K, N]`` float32 state carry of each chunk; ``b``,
       ``qf`` and ``kf`` are then ``[B, Hs, T, K]``.
     sub_chunk: per-channel decays: rows per block, a power of two >= 16 dividing the chunk
       (default 16).
     block_v: value columns per program, a power of two >= 16 dividing ``V`` (default ``V``).
+    block_k: key channels per program, a power of two >= 16 dividing ``K`` (default ``K``). The
+      output contracts over the key channels: with more than one block, each program writes a
+      float32 partial output and they are summed here.
+
+  The grid is ``(B, Hq, V / block_v, K / block_k)``; a program keeps a ``[block_k, block_v]``
+  float32 slice of the state in registers.
   """
-  bsz, hq, t, kd = q.shape
-  vd = v.shape[3]
-  group = hq // k.shape[1]
-  flags, arrays, in_specs, vb = _setup(q, k, v, b, r, qf, kf, carry, chunk, sub_chunk, block_v)
+  flags, arrays, in_specs, z = _setup(q, k, v, b, r, qf, kf, carry, chunk=chunk, sub_chunk=sub_chunk,
+                                      block_v=block_v, block_k=block_k, feature_major=False)
+  bsz, hq, t, kd, vd, kb, vb, group = *q.shape[:2], z["t"], z["kd"], z["vd"], z["kb"], z["vb"], z["group"]
+  nk = kd // kb
   kernel = linear_fwd_channel_kernel if carry is not None else linear_fwd_kernel
-  head_state = pl.BlockSpec((None, None, kd, vb), lambda b, h, j: (b, h, 0, j))
-  return pl.pallas_call(
+  if nk == 1:
+    out_spec = pl.BlockSpec((None, None, t, vb), lambda b, h, j, i: (b, h, 0, j))
+    out_shape = jax.ShapeDtypeStruct((bsz, hq, t, vd), out_dtype)
+  else:
+    out_spec = pl.BlockSpec((None, None, None, t, vb), lambda b, h, j, i: (i, b, h, 0, j))
+    out_shape = jax.ShapeDtypeStruct((nk, bsz, hq, t, vd), jnp.float32)
+  o, state = pl.pallas_call(
       functools.partial(kernel, chunk=chunk, num_chunks=t // chunk, **flags),
-      grid=(bsz, hq, vd // vb),
-      in_specs=in_specs + [pl.BlockSpec((None, None, kd, vb), lambda b, h, j: (b, lax.div(h, group), 0, j))],
-      out_specs=[pl.BlockSpec((None, None, t, vb), lambda b, h, j: (b, h, 0, j)), head_state],
-      out_shape=[jax.ShapeDtypeStruct((bsz, hq, t, vd), out_dtype),
-                 jax.ShapeDtypeStruct((bsz, hq, kd, vd), jnp.float32)],
-      compiler_params=_params(num_warps, num_stages, kd, vb),
+      grid=z["grid"],
+      in_specs=in_specs + [pl.BlockSpec((None, None, kb, vb), lambda b, h, j, i: (b, lax.div(h, group), i, j))],
+      out_specs=[out_spec, pl.BlockSpec((None, None, kb, vb), lambda b, h, j, i: (b, h, i, j))],
+      out_shape=[out_shape, jax.ShapeDtypeStruct((bsz, hq, kd, vd), jnp.float32)],
+      compiler_params=_params(num_warps, num_stages, kb, vb),
       interpret=interpret,
       name="linear_fwd_channel" if carry is not None else "linear_fwd",
   )(q, k, v, *arrays, s0)
+  return (o if nk == 1 else o.sum(0).astype(out_dtype)), state
 
 
 def backward(q, k, v, s0, do, dst, *, b=None, r=None, qf=None, kf=None, carry=None, chunk: int,
-             sub_chunk: int | None = None, block_v: int | None = None, num_warps=None, num_stages=None,
-             dkv_num_warps=None, dkv_num_stages=None, interpret: bool = False):
+             sub_chunk: int | None = None, block_v: int | None = None, block_k: int | None = None,
+             num_warps=None, num_stages=None, dkv_num_warps=None, dkv_num_stages=None,
+             interpret: bool = False):
   """Backward pass: ``(dq [B, Hq, K, T], dk [B, Hq, K, T], dv [B, Hq, T, V], ds0 [B, Hq, K, V])``.
 
   Feature-major: ``q [B, Hq, K, T]`` and ``k [B, Hs, K, T]`` (per-channel decays: ``b``, ``qf``
-  and ``kf`` ``[B, Hs, K, T]`` too), and ``dq``, ``dk`` come back the same way; ``v``, ``do
-  [B, Hq, T, V]`` and ``dv`` stay token-major. Every matmul whose output has the key dim then
-  produces it as ``[K, C]`` rather than ``[C, K]``: Triton splits an output's rows among the
-  warps, so a ``[C, K]`` dQ / dK tile of a 16-token chunk would be held whole by every warp,
-  which is what spilled registers (see the module doc).
+  and ``kf`` ``[B, Hs, K, T]`` too, and the carry ``[B, Hs, K, N]``), and ``dq``, ``dk`` come
+  back the same way; ``v``, ``do [B, Hq, T, V]`` and ``dv`` stay token-major. Every matmul whose
+  output has the key dim then produces it as ``[K, C]`` rather than ``[C, K]``: Triton splits an
+  output's rows among the warps, so a ``[C, K]`` tile of a 16-token chunk would be held whole by
+  every warp (see the module doc).
+
+  The grid is ``(B, Hq, V / block_v, K / block_k)``: a program keeps a ``[block_k, block_v]``
+  slice of the state (gradient). The state's rows evolve independently, and so do dQ and dK
+  per key channel; dQ / dK contract over the value columns and dV over the key channels, so
+  each program writes a partial sum of those and they are added here.
 
   ``do`` is the output gradient and ``dst [B, Hq, K, V]`` the final-state gradient per query head.
-  ``dk``, ``dv`` and ``ds0`` are per query head; all gradients are float32. The other arguments
+  ``dk``, ``dv`` and ``ds0`` are per query head; all gradients are float32. ``block_k``: key
+  channels per program, a power of two >= 16 dividing ``K`` (default ``K``); the other arguments
   are those of :func:`forward`; ``num_warps`` / ``num_stages`` launch the dQ kernel,
   ``dkv_num_warps`` / ``dkv_num_stages`` (default: the same) the dK/dV kernel.
   """
-  bsz, hq, kd, t = q.shape
-  vd = v.shape[3]
-  group = hq // k.shape[1]
-  n = t // chunk
-  flags, arrays, specs, vb = _setup(q, k, v, b, r, qf, kf, carry, chunk, sub_chunk, block_v, feature_major=True)
-  nv = vd // vb
-  if carry is not None:
-    kernels = (linear_bwd_dq_channel_kernel, linear_bwd_dkv_channel_kernel)
-  else:
-    kernels = (linear_bwd_dq_kernel, linear_bwd_dkv_kernel)
-  suffix = "_channel" if carry is not None else ""
-  values = pl.BlockSpec((None, None, t, vb), lambda b, h, j: (b, h, 0, j))
-  # dQ and dK contract over the value columns: one partial sum per column block.
-  partial_keys = pl.BlockSpec((None, None, None, kd, t), lambda b, h, j: (j, b, h, 0, 0))
-  head_state = pl.BlockSpec((None, None, kd, vb), lambda b, h, j: (b, h, 0, j))
+  flags, arrays, specs, z = _setup(q, k, v, b, r, qf, kf, carry, chunk=chunk, sub_chunk=sub_chunk,
+                                   block_v=block_v, block_k=block_k, feature_major=True)
+  bsz, hq, t, kd, vd, kb, vb, group = *q.shape[:2], z["t"], z["kd"], z["vd"], z["kb"], z["vb"], z["group"]
+  n, nv, nk, grid = t // chunk, vd // vb, kd // kb, z["grid"]
+  channel = carry is not None
+  kernels = ((linear_bwd_dq_channel_kernel, linear_bwd_dkv_channel_kernel) if channel else
+             (linear_bwd_dq_kernel, linear_bwd_dkv_kernel))
+  suffix = "_channel" if channel else ""
+  values = pl.BlockSpec((None, None, t, vb), lambda b, h, j, i: (b, h, 0, j))
+  # dQ and dK contract over the value columns, dV over the key channels: partial sums.
+  partial_keys = pl.BlockSpec((None, None, None, kb, t), lambda b, h, j, i: (j, b, h, i, 0))
+  partial_values = pl.BlockSpec((None, None, None, t, vb), lambda b, h, j, i: (i, b, h, 0, j))
+  head_state = pl.BlockSpec((None, None, kb, vb), lambda b, h, j, i: (b, h, i, j))
   dq = pl.pallas_call(
       functools.partial(kernels[0], chunk=chunk, num_chunks=n, **flags),
-      grid=(bsz, hq, nv),
-      in_specs=specs + [values, pl.BlockSpec((None, None, kd, vb), lambda b, h, j: (b, lax.div(h, group), 0, j))],
+      grid=grid,
+      in_specs=specs + [values, pl.BlockSpec((None, None, kb, vb), lambda b, h, j, i: (b, lax.div(h, group), i, j))],
       out_specs=partial_keys,
       out_shape=jax.ShapeDtypeStruct((nv, bsz, hq, kd, t), jnp.float32),
-      compiler_params=_params(num_warps, num_stages, kd, vb),
+      compiler_params=_params(num_warps, num_stages, kb, vb),
       interpret=interpret,
       name="linear_bwd_dq" + suffix,
   )(q, k, v, *arrays, do, s0)
   dk, dv, ds0 = pl.pallas_call(
       functools.partial(kernels[1], chunk=chunk, num_chunks=n, **flags),
-      grid=(bsz, hq, nv),
+      grid=grid,
       in_specs=specs + [values, head_state],
-      out_specs=[partial_keys, values, head_state],
+      out_specs=[partial_keys, partial_values, head_state],
       out_shape=[jax.ShapeDtypeStruct((nv, bsz, hq, kd, t), jnp.float32),
-                 jax.ShapeDtypeStruct((bsz, hq, t, vd), jnp.float32),
+                 jax.ShapeDtypeStruct((nk, bsz, hq, t, vd), jnp.float32),
                  jax.ShapeDtypeStruct((bsz, hq, kd, vd), jnp.float32)],
-      compiler_params=_params(dkv_num_warps or num_warps, dkv_num_stages or num_stages, kd, vb),
+      compiler_params=_params(dkv_num_warps or num_warps, dkv_num_stages or num_stages, kb, vb),
       interpret=interpret,
       name="linear_bwd_dkv" + suffix,
   )(q, k, v, *arrays, do, dst)
-  if nv == 1:
-    return dq[0], dk[0], dv, ds0
-  return dq.sum(0), dk.sum(0), dv, ds0
+  return dq.sum(0), dk.sum(0), dv.sum(0), ds0

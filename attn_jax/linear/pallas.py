@@ -78,7 +78,11 @@ class PallasGpuConfig:
       :func:`gpu_launch_defaults`, or less for shorter sequences). A ``chunk_size=`` given to the
       call takes precedence.
     block_v: value columns per program, a power of two >= 16 (``None``: by feature dim and
-      dtype); each program keeps a ``[K, block_v]`` slice of the state in registers.
+      dtype).
+    block_k: key channels per program, a power of two >= 16 (``None``: by feature dim and
+      dtype). Each program keeps a ``[block_k, block_v]`` float32 slice of the state (and in the
+      backward pass of its gradient) in registers; the output (forward) and dV (backward)
+      contract over the key channels and are summed over the blocks.
     num_warps, num_stages: Triton launch parameters of the three kernels (``None``: the
       defaults by feature dim and dtype; 1 stage).
     interpret: run in Pallas interpret mode; ``None`` means "unless running on a GPU".
@@ -87,6 +91,7 @@ class PallasGpuConfig:
 
   chunk_size: int | None = None
   block_v: int | None = None
+  block_k: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
   interpret: bool | None = None
@@ -95,7 +100,7 @@ class PallasGpuConfig:
   backend: ClassVar[str] = "pallas_gpu"
 
   def __post_init__(self):
-    for name in ("chunk_size", "block_v"):
+    for name in ("chunk_size", "block_v", "block_k"):
       dispatch.check_config_int("LinearPallasGpuConfig", name, getattr(self, name), "a power of two >= 16",
                                 lambda c: c >= 16 and c & (c - 1) == 0)
     for name in ("num_warps", "num_stages"):
@@ -113,6 +118,7 @@ class _Static:
   num_warps: int | None = None
   num_stages: int | None = None
   block_v: int | None = None  # GPU only: value columns per program.
+  block_k: int | None = None  # GPU only: key channels per program.
 
 
 def _backend(platform: str):
@@ -144,11 +150,13 @@ def _backend(platform: str):
       if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
         raise ValueError(f"chunk_size must be a power of two >= 16 for implementation={name!r}, got {chunk}")
       key_pad, value_pad = dispatch.next_pow2(max(16, spec.key_dim)), dispatch.next_pow2(max(16, spec.value_dim))
-      d_chunk, d_block_v, d_warps = gpu_launch_defaults(spec.decay, key_pad, jnp.dtype(q.dtype).itemsize)
+      d_chunk, d_block_v, d_block_k, d_warps = gpu_launch_defaults(spec.decay, key_pad,
+                                                                   jnp.dtype(q.dtype).itemsize)
       chunk = chunk or min(d_chunk, max(16, dispatch.next_pow2(spec.seq_len)))
       block_v = min(config.block_v or d_block_v, value_pad)
+      block_k = min(config.block_k or d_block_k, key_pad)
       static = _Static(platform, spec, chunk, key_pad, value_pad, interpret, config.num_warps or d_warps,
-                       config.num_stages, block_v)
+                       config.num_stages, block_v, block_k)
     dispatch.note("chunk", chunk)
     if config.sharding is not None:
       return _sharded(static, config.sharding, q, k, v, log_decay, initial_state, segment_ids)
@@ -157,22 +165,25 @@ def _backend(platform: str):
   return linear_attention
 
 
-# (chunk, block_v, num_warps) of the GPU kernels by (decay kind, feature dim bucket, bytes per
-# element), the least-spilling settings that `python -m attn_jax.compile_check` found on A100
-# (the stricter of A100 / H100) with segment ids, an initial state and GQA. A program keeps a
-# [K, block_v] float32 state slice (and in the backward pass its gradient) in registers, plus
-# [chunk, K] tiles; per-channel decays add [16, chunk] sub-chunk scores and [chunk, K] factors.
-# 16 warps cap ptxas at 128 registers a thread and spill more; 8 is the ceiling that helps.
+# (chunk, block_v, block_k, num_warps) of the GPU kernels by (decay kind, feature dim bucket,
+# bytes per element): settings with which `python -m attn_jax.compile_check` finds no register
+# spill on A100 or H100 (see benchmarks/compile_check). A program keeps a [block_k, block_v]
+# float32 state slice (and in the backward pass its gradient) in registers, plus [chunk, block_k]
+# tiles; per-channel decays add [chunk, 16] sub-chunk scores and [chunk, block_k] factors. What
+# bounds the registers is the matmuls whose output has a 16-row chunk dim (the scores q k^T and
+# the inter-chunk (k * kf) dS of dV): Triton splits an output's rows among the warps, so every
+# warp holds all of those operands, block_k * (chunk + block_v) elements; block_k = 64 keeps
+# that in budget up to head dim 256. 16 warps would cap ptxas at 128 registers a thread.
 _GPU_LAUNCH = {
-    ("scalar", 64, 2): (32, 32, 8), ("scalar", 128, 2): (16, 32, 8), ("scalar", 256, 2): (16, 16, 8),
-    ("scalar", 64, 4): (16, 32, 8), ("scalar", 128, 4): (16, 16, 8), ("scalar", 256, 4): (16, 16, 8),
-    ("channel", 64, 2): (16, 32, 4), ("channel", 128, 2): (16, 16, 8), ("channel", 256, 2): (16, 16, 8),
-    ("channel", 64, 4): (16, 16, 8), ("channel", 128, 4): (16, 16, 8), ("channel", 256, 4): (16, 16, 8),
+    ("scalar", 64, 2): (32, 32, 64, 8), ("scalar", 128, 2): (16, 32, 64, 8), ("scalar", 256, 2): (16, 32, 64, 8),
+    ("scalar", 64, 4): (16, 32, 64, 8), ("scalar", 128, 4): (16, 16, 64, 8), ("scalar", 256, 4): (16, 16, 64, 8),
+    ("channel", 64, 2): (16, 32, 64, 4), ("channel", 128, 2): (16, 16, 64, 8), ("channel", 256, 2): (16, 16, 64, 8),
+    ("channel", 64, 4): (16, 16, 64, 8), ("channel", 128, 4): (16, 16, 64, 8), ("channel", 256, 4): (16, 16, 64, 8),
 }
 
 
-def gpu_launch_defaults(decay: str, key_dim: int, itemsize: int) -> tuple[int, int, int]:
-  """Default ``(chunk, block_v, num_warps)`` of the GPU kernels.
+def gpu_launch_defaults(decay: str, key_dim: int, itemsize: int) -> tuple[int, int, int, int]:
+  """Default ``(chunk, block_v, block_k, num_warps)`` of the GPU kernels.
 
   Args:
     decay: ``"none"``, ``"scalar"`` or ``"channel"`` (:mod:`attn_jax.linear.common`).
@@ -272,8 +283,8 @@ def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch, featu
   runs = None
   if s.has_segments:
     runs = common.pad_axis(common.reset_index(segment_ids), 1, tp, mode="edge")
-  if st.platform == "gpu":
-    return dict(out, r=runs, carry=carry.reshape(batch, hs, n * st.key_pad))
+  if st.platform == "gpu":  # carry [B, Hs, K_pad, N]
+    return dict(out, r=runs, carry=carry.transpose(0, 1, 3, 2))
   out.update(carry=carry[..., None])
   if s.has_segments:
     out.update(r_col=runs[..., None], r_row=runs.reshape(batch, n, 1, st.chunk))
@@ -283,7 +294,7 @@ def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch, featu
 def _launch_options(st: _Static):
   opts = dict(chunk=st.chunk, interpret=st.interpret)
   if st.platform == "gpu":
-    opts.update(num_warps=st.num_warps, num_stages=st.num_stages, block_v=st.block_v)
+    opts.update(num_warps=st.num_warps, num_stages=st.num_stages, block_v=st.block_v, block_k=st.block_k)
   return opts
 
 
