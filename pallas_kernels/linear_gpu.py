@@ -1,34 +1,48 @@
 """Chunked linear attention for GPU (Pallas, Triton dialect), forward and backward.
 
-Lightning Attention-2's tiling with the chunk loop inside the kernel: the grid ``(B, Hq, V / Vb)``
-runs one program per (batch, query head, block of ``Vb`` value columns); it walks the ``N``
-chunks of its sequence with a ``fori_loop`` that keeps its ``[K, Vb]`` float32 slice of the state
-in registers, computing each chunk's intra-chunk
-block (masked, decayed ``C x C``) and inter-chunk term (the state), then updating the state. The
-backward pass is two such sweeps: ``dQ`` forwards in time (recomputing the state) and ``dK/dV``
-backwards in time carrying the state gradient, which ends as the gradient of the initial state.
-See :mod:`pallas_kernels.linear_common` for the per-chunk math.
+Lightning Attention-2's tiling with the chunk loop inside the kernel: the grid
+``(B, Hq, V / Vb, K / Kb)`` runs one program per (batch, query head, block of ``Vb`` value
+columns, block of ``Kb`` key channels); it walks the ``N`` chunks of its sequence with a
+``fori_loop`` that keeps its ``[Kb, Vb]`` float32 slice of the state in registers, computing each
+chunk's intra-chunk block (masked, decayed ``C x C``) and inter-chunk term (the state), then
+updating the state. The backward pass is two such sweeps: ``dQ`` forwards in time (recomputing
+the state) and ``dK/dV`` backwards in time carrying the state gradient, which ends as the
+gradient of the initial state. See :mod:`pallas_kernels.linear_common` for the per-chunk math.
 
-Splitting the value columns (as flash-linear-attention does) bounds what a program keeps in
-registers: the state slice, and in the backward pass its gradient, are ``K x Vb`` rather than
-``K x V``, which is what lets head dim 128 compile without register spills. Every column block is
-independent, except that ``dQ`` and ``dK`` contract over the value columns: each program writes its
-partial ``dQ`` / ``dK`` and the wrapper sums them (``[V / Vb, ...]`` float32). The intra-chunk
-scores are recomputed per column block.
+Blocks of value columns (as flash-linear-attention does) and of key channels bound what a
+program keeps in registers. The state's rows evolve independently (the carry scales rows), and
+``dQ`` and ``dK`` are per key channel (with per-channel decays the intra-chunk part too); what
+contracts across blocks is summed by the wrapper from float32 partials: ``dQ`` / ``dK`` over the
+value blocks, the output and ``dV`` over the key blocks (the intra-chunk scores ``q k^T`` are then
+partial sums over the channels of the block).
 
-Layout: ``q [B, Hq, T, K]``, ``k [B, Hs, T, K]``, ``v [B, Hs, T, V]`` (``T`` a multiple of the
-chunk, ``K``, ``V`` powers of two >= 16 as Triton tiles require); per-token vectors
-``[B, Hs, T]`` (decay, factors) and ``[B, T]`` (run index). Query head ``h`` reads state head
-``h // group``. State gradients and ``dK/dV`` are produced per query head; the caller sums each
-GQA group.
+Registers, as ptxas allocates them: a launch of ``w`` warps lets a thread have ``65536 / (32 w)``
+registers, at most 255 (``.reqntid`` in the PTX: 255 for 4 and 8 warps, 128 for 16). When
+matmuls feed one another in a loop body, as here, Triton (its AccelerateMatmul pass) gives them
+all the warp arrangement of the first, which for a ``[C, C]`` score matmul puts every warp along
+the rows; each warp keeps the full operands of its rows. With 16-token chunks, an output with the
+chunk dim as rows is then computed whole by every warp: a ``[C, K]`` dQ / dK tile costs
+``C K / 32`` float32 registers a thread whatever the warp count, and element-wise tiles combined
+with it take its layout. So the backward kernels work feature-major (below), where those outputs
+are ``[Kb, C]`` and split among the warps; what stays whole in every warp is the small
+``[C, C]`` / ``[C, Vb]`` outputs of matmuls that contract over the key channels, whose operands,
+``Kb (C + Vb)`` elements, the key blocks bound.
+
+Layout of the forward kernels: ``q [B, Hq, T, K]``, ``k [B, Hs, T, K]``, ``v [B, Hs, T, V]``
+(``T`` a multiple of the chunk, ``K``, ``V`` powers of two >= 16 as Triton tiles require);
+per-token vectors ``[B, Hs, T]`` (decay, factors) and ``[B, T]`` (run index). The backward
+kernels take ``q``, ``k`` feature-major, ``[B, H, K, T]``, and produce ``dQ``, ``dK`` the same way
+(``v``, ``dO``, ``dV`` stay token-major). Query head ``h`` reads state head ``h // group``. State
+gradients and ``dK/dV`` are produced per query head; the caller sums each GQA group.
 
 Per-channel decays (GLA gates) take separate kernels, selected statically by the ``carry``
 argument: the chunk-local log decay ``b`` and the factors ``qf``, ``kf`` are then
-``[B, Hs, T, K]`` and the state carry ``[B, Hs, N * K]`` (one ``[K]`` column per chunk). Each
-chunk is processed in row blocks of ``sub_chunk = 16`` tokens (the smallest ``tl.dot`` tile) with
-the sub-chunk scheme of :func:`pallas_kernels.linear_common.channel_block`: a static Python loop
-over the blocks, each loading its rows from the refs, and a ``fori_loop`` over the tokens of the
-diagonal block.
+``[B, Hs, T, K]`` (feature-major ``[B, Hs, K, T]`` in the backward pass) and the state carry
+``[B, Hs, K, N]`` (one ``[K]`` column per chunk). Each chunk is processed in blocks of
+``sub_chunk = 16`` tokens (the smallest ``tl.dot`` tile) with the sub-chunk scheme of
+:func:`pallas_kernels.linear_common.channel_block` (its feature-major twin
+:func:`channel_block_t` in the backward pass): a static Python loop over the blocks, each
+loading its tokens from the refs, and a ``fori_loop`` over the tokens of the diagonal block.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,10 +79,12 @@ class PallasGpuConfig:
       call takes precedence.
     block_v: value columns per program, a power of two >= 16 (``None``: by feature dim and
       dtype).
-    block_k: key channels per program, a power of two >= 16 (``None``: by feature dim and
-      dtype). Each program keeps a ``[block_k, block_v]`` float32 slice of the state (and in the
-      backward pass of its gradient) in registers; the output (forward) and dV (backward)
-      contract over the key channels and are summed over the blocks.
+    block_k: key channels per program, a power of two >= 16, in the forward and backward
+      kernels (``None``: the whole key dim up to 128 in the forward pass and 64 channels in the
+      backward pass, see :func:`gpu_launch_defaults`). Each program keeps a
+      ``[block_k, block_v]`` float32 slice of the state (and in the backward pass of its
+      gradient) in registers; the output (forward) and dV (backward) contract over the key
+      channels and are summed over the blocks in float32.
     num_warps, num_stages: Triton launch parameters of the three kernels (``None``: the
       defaults by feature dim and dtype; 1 stage).
     interpret: run in Pallas interpret mode; ``None`` means "unless running on a GPU".
@@ -118,7 +120,7 @@ class _Static:
   num_warps: int | None = None
   num_stages: int | None = None
   block_v: int | None = None  # GPU only: value columns per program.
-  block_k: int | None = None  # GPU only: key channels per program.
+  block_k: tuple[int, int] | None = None  # GPU only: key channels per program (forward, backward).
 
 
 def _backend(platform: str):
@@ -150,12 +152,11 @@ def _backend(platform: str):
       if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
         raise ValueError(f"chunk_size must be a power of two >= 16 for implementation={name!r}, got {chunk}")
       key_pad, value_pad = dispatch.next_pow2(max(16, spec.key_dim)), dispatch.next_pow2(max(16, spec.value_dim))
-      d_chunk, d_block_v, d_block_k, d_warps = gpu_launch_defaults(spec.decay, key_pad,
-                                                                   jnp.dtype(q.dtype).itemsize)
-      chunk = chunk or min(d_chunk, max(16, dispatch.next_pow2(spec.seq_len)))
-      block_v = min(config.block_v or d_block_v, value_pad)
-      block_k = min(config.block_k or d_block_k, key_pad)
-      static = _Static(platform, spec, chunk, key_pad, value_pad, interpret, config.num_warps or d_warps,
+      launch = gpu_launch_defaults(spec.decay, key_pad, jnp.dtype(q.dtype).itemsize)
+      chunk = chunk or min(launch.chunk, max(16, dispatch.next_pow2(spec.seq_len)))
+      block_v = min(config.block_v or launch.block_v, value_pad)
+      block_k = tuple(min(config.block_k or b, key_pad) for b in (launch.block_k_fwd, launch.block_k_bwd))
+      static = _Static(platform, spec, chunk, key_pad, value_pad, interpret, config.num_warps or launch.num_warps,
                        config.num_stages, block_v, block_k)
     dispatch.note("chunk", chunk)
     if config.sharding is not None:
@@ -165,36 +166,53 @@ def _backend(platform: str):
   return linear_attention
 
 
-# (chunk, block_v, block_k, num_warps) of the GPU kernels by (decay kind, feature dim bucket,
-# bytes per element): settings with which `python -m attn_jax.compile_check` finds no register
-# spill on A100 or H100 (see benchmarks/compile_check). A program keeps a [block_k, block_v]
-# float32 state slice (and in the backward pass its gradient) in registers, plus [chunk, block_k]
-# tiles; per-channel decays add [chunk, 16] sub-chunk scores and [chunk, block_k] factors. What
-# bounds the registers is the matmuls whose output has a 16-row chunk dim (the scores q k^T and
-# the inter-chunk (k * kf) dS of dV): Triton splits an output's rows among the warps, so every
-# warp holds all of those operands, block_k * (chunk + block_v) elements; block_k = 64 keeps
-# that in budget up to head dim 256. 16 warps would cap ptxas at 128 registers a thread.
+class GpuLaunch(NamedTuple):
+  """Launch parameters of the GPU kernels (see :func:`gpu_launch_defaults`)."""
+
+  chunk: int
+  block_v: int
+  num_warps: int
+  block_k_fwd: int
+  block_k_bwd: int
+
+
+# (chunk, block_v, num_warps) of the GPU kernels by (decay kind, feature dim bucket, bytes per
+# element); with the key blocks of gpu_launch_defaults, `python -m attn_jax.compile_check` finds
+# no register spill on A100 or H100 (see benchmarks/compile_check), and no kernel above 240
+# registers a thread, so that a small change in the code or the compilers does not tip one into
+# spilling (A100's ptxas takes all 255 registers whenever it has a use for them). A program keeps a
+# [block_k, block_v] float32 state slice (and in the backward pass its gradient) in registers,
+# plus [chunk, block_k] tiles; per-channel decays add [chunk, 16] sub-chunk scores and
+# [chunk, block_k] factors. 16 warps would cap ptxas at 128 registers a thread.
 _GPU_LAUNCH = {
-    ("scalar", 64, 2): (32, 32, 64, 8), ("scalar", 128, 2): (16, 32, 64, 8), ("scalar", 256, 2): (16, 32, 64, 8),
-    ("scalar", 64, 4): (16, 32, 64, 8), ("scalar", 128, 4): (16, 16, 64, 8), ("scalar", 256, 4): (16, 16, 64, 8),
-    ("channel", 64, 2): (16, 32, 64, 4), ("channel", 128, 2): (16, 16, 64, 8), ("channel", 256, 2): (16, 16, 64, 8),
-    ("channel", 64, 4): (16, 16, 64, 8), ("channel", 128, 4): (16, 16, 64, 8), ("channel", 256, 4): (16, 16, 64, 8),
+    ("scalar", 64, 2): (16, 32, 8), ("scalar", 128, 2): (16, 32, 8), ("scalar", 256, 2): (16, 32, 8),
+    ("scalar", 64, 4): (16, 16, 8), ("scalar", 128, 4): (16, 16, 8), ("scalar", 256, 4): (16, 16, 8),
+    ("channel", 64, 2): (16, 16, 8), ("channel", 128, 2): (16, 16, 8), ("channel", 256, 2): (16, 16, 8),
+    ("channel", 64, 4): (16, 16, 8), ("channel", 128, 4): (16, 16, 8), ("channel", 256, 4): (16, 16, 8),
 }
 
 
-def gpu_launch_defaults(decay: str, key_dim: int, itemsize: int) -> tuple[int, int, int, int]:
-  """Default ``(chunk, block_v, block_k, num_warps)`` of the GPU kernels.
+def gpu_launch_defaults(decay: str, key_dim: int, itemsize: int) -> GpuLaunch:
+  """Default launch parameters of the GPU kernels.
 
   Args:
     decay: ``"none"``, ``"scalar"`` or ``"channel"`` (:mod:`attn_jax.linear.common`).
     key_dim: the (power-of-two padded) feature dim of q and k.
     itemsize: bytes per element of q / k / v.
 
-  One set serves A100 and H100 (the same register file), so no device query is needed.
+  What bounds the registers is the matmuls whose output has the 16-row chunk dim (the scores
+  ``q k^T``, and ``(k * kf) dS`` of dV): Triton splits an output's rows among the warps, so every
+  warp holds all of their operands, ``block_k * (chunk + block_v)`` elements. Key blocks of 64
+  channels keep the backward kernels in budget at any head dim; the forward kernels take the
+  whole key dim up to 128 (their output is then written directly rather than summed over key
+  blocks in float32) and 64-channel blocks above. One set serves A100 and H100 (the same
+  register file), so no device query is needed.
   """
   kind = "channel" if decay == common.CHANNEL else "scalar"
   bucket = 64 if key_dim <= 64 else 128 if key_dim <= 128 else 256
-  return _GPU_LAUNCH[(kind, bucket, 4 if itemsize >= 4 else 2)]
+  chunk, block_v, warps = _GPU_LAUNCH[(kind, bucket, 4 if itemsize >= 4 else 2)]
+  return GpuLaunch(chunk, block_v, warps, block_k_fwd=key_dim if key_dim <= 128 else 64,
+                   block_k_bwd=min(key_dim, 64))
 
 
 linear_attention_tpu = _backend("tpu")
@@ -291,10 +309,11 @@ def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch, featu
   return out
 
 
-def _launch_options(st: _Static):
+def _launch_options(st: _Static, backward=False):
   opts = dict(chunk=st.chunk, interpret=st.interpret)
   if st.platform == "gpu":
-    opts.update(num_warps=st.num_warps, num_stages=st.num_stages, block_v=st.block_v, block_k=st.block_k)
+    opts.update(num_warps=st.num_warps, num_stages=st.num_stages, block_v=st.block_v,
+                block_k=st.block_k[1 if backward else 0])
   return opts
 
 
@@ -348,7 +367,7 @@ def _linear_bwd(st: _Static, residuals, cotangents):
   dq, dk, dv, ds0 = _kernels(st).backward(
       keys_in(q, st, st.key_pad), keys_in(k, st, st.key_pad), _heads_first(v, st, st.value_pad),
       _initial_state(st, s0, b), _heads_first(d_out, st, st.value_pad), dst,
-      **_factors(st, log_decay, segment_ids, b, feature_major=gpu), **_launch_options(st))
+      **_factors(st, log_decay, segment_ids, b, feature_major=gpu), **_launch_options(st, backward=True))
 
   def group_sum(x):  # [B, Hq, ...] -> [B, Hs, ...]
     return x.reshape((b, hs, g) + x.shape[2:]).sum(axis=2)
