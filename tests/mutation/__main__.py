@@ -54,6 +54,10 @@ def _report(results, env, total_seconds, args, jobs) -> str:
            "- time: wall seconds per mutant (copy, patch, pytest start-up and the tests up to the first "
            "failure), on a machine shared with other jobs", "",
            runner.markdown_table(results), ""]
+  if catalogue.EQUIVALENT:
+    lines += ["Equivalent patches (no result changes, so no test can catch them; documented in the catalogue, "
+              "not run):", ""]
+    lines += [f"- `{name}` ({path}): {why}" for name, path, why in catalogue.EQUIVALENT] + [""]
   for r in survived + errors:
     lines += [f"## {r.status}: {r.mutant.name}", "", "```", r.detail[-2000:], "```", ""]
   return "\n".join(lines)
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
     return 0
   start = time.perf_counter()
   if not args.no_baseline:
-    print(f"baseline: the {len({n for m in mutants for n in m.tests})} selected tests on the unmutated tree ...",
+    print(f"baseline: the {len({n for m in mutants for n in m.tests})} test selections on the unmutated tree ...",
           flush=True)
     failure = runner.run_baseline(mutants, root, workers=args.jobs)
     if failure:

@@ -95,3 +95,18 @@ def test_head_dependent_schedule_visits_each_heads_tiles(platform):
     got = {key[1:]: n for key, n in visits.items() if key[0] == phase}
     assert set(got) == expected, (phase, sorted(set(got) ^ expected))
     assert set(got.values()) == {1}, f"{phase}: a tile was visited more than once"
+
+
+# Causal cross attention from 40 queries to 3 keys (bottom-right aligned): queries 0..36 see no
+# key, those of the first two 16-row blocks on an EMPTY row of the BlockMask, the others inside a
+# PARTIAL tile. Without learned sinks their normaliser is 0: lse must be -inf and the output 0.
+# (The fully_masked_rows case of test_pallas.py has sinks, which keep every normaliser >= 1.)
+@pytest.mark.parametrize("platform", list(PLATFORMS))
+def test_rows_that_see_no_key_without_sinks(platform):
+  implementation, config_type = PLATFORMS[platform]
+  q, k, v, _, d_out, d_lse = helpers.make_inputs(4, 1, 40, 3, 2, 1, 16, 16, jnp.float32)
+  got, _ = helpers.compare_backends(implementation, config_type(block_q=BLOCK, block_kv=BLOCK), q, k, v,
+                                    None, d_out, d_lse, mask=masks.causal())
+  lse = np.asarray(got[1])
+  assert np.isneginf(lse[:, :37]).all() and np.isfinite(lse[:, 37:]).all()
+  np.testing.assert_array_equal(np.asarray(got[0])[:, :37], 0.0)
