@@ -67,7 +67,7 @@ def _softmax(implementation, window=None, sinks=0):
     if window is not None:
       local = masks.sliding_window(window - 1) if causal else masks.sliding_window(window // 2, window // 2)
       if sinks:
-        local = local | masks.sink_tokens(sinks)
+        local = local | masks.sink_tokens(sinks, causal=causal)
       mask = local if mask is None else mask & local
     return attn_jax.attention(q, k, v, mask=mask, implementation=implementation)
   return fn

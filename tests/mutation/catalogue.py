@@ -252,8 +252,8 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_block_mask.py::test_kinds_match_brute_force",)),
     Mutant(
         "mask-sink-token-dropped", "masks", "attn_jax/masks.py",
-        "    return (kv_idx < self.n) & _true_like(q_idx, kv_idx)",
-        "    return (kv_idx < self.n - 1) & _true_like(q_idx, kv_idx)",
+        "    visible = (kv_idx < self.n) & _true_like(q_idx, kv_idx)",
+        "    visible = (kv_idx < self.n - 1) & _true_like(q_idx, kv_idx)",
         "sink_tokens(n) keeps only n - 1 sink tokens",
         ("tests/test_masks.py::test_constructors_match_definitions",)),
     Mutant(
@@ -365,9 +365,9 @@ MUTANTS: tuple[Mutant, ...] = (
          f"{_NB_MASK}::test_block_classification_is_exact_for_tiles_and_sound_for_any_blocks")),
     Mutant(
         "nb-kernel-blocks-not-tile-aligned", "neighborhood", "attn_jax/neighborhood/api.py",
-        "    return pallas.PallasTpuConfig(block_q=block_size, block_kv=block_size)",
-        "    return pallas.PallasTpuConfig(block_q=block_size, block_kv=block_size // 2)",
-        "the TPU kernel's key blocks are half a tile: still exact, but FULL blocks turn PARTIAL",
+        "  return dataclasses.replace(config, block_q=block_size, block_kv=block_size)",
+        "  return dataclasses.replace(config, block_q=block_size, block_kv=block_size // 2)",
+        "the kernel's key blocks are half a grid tile: still exact, but FULL blocks turn PARTIAL",
         ("tests/neighborhood/test_pallas_full_blocks.py::test_full_blocks_match_dense_reference_and_visit_the_blockmask"
          "[2d_blocked_aligned-pallas_tpu-float32]",)),
     # ---------------------------------------------------------------- decoding caches, generation
