@@ -192,6 +192,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "in-kernel head-dependent masks share the union of the heads' schedules: still exact, but "
         "every head visits every head's tiles and FULL tiles turn PARTIAL",
         (f"{_FULL_TILES}::test_head_dependent_schedule_visits_each_heads_tiles[tpu]",)),
+    # ---------------------------------------------------------------- softmax cudnn backend
+    Mutant(
+        "cudnn-band-intersection-upper-edge", "cudnn", "attn_jax/softmax/cudnn.py",
+        "  hi = hi_a if hi_b is None else hi_b if hi_a is None else min(hi_a, hi_b)",
+        "  hi = hi_a if hi_b is None else hi_b if hi_a is None else max(hi_a, hi_b)",
+        "the intersection of two masks keeps the looser upper edge of their bands: queries see keys "
+        "that one of the masks hides",
+        ("tests/softmax/test_cudnn.py::test_translation_matches_reference[causal_and_window_offsets]",)),
     # ---------------------------------------------------------------- softmax xla backend
     Mutant(
         "xla-learned-sink-term-dropped", "xla", SOFTMAX_XLA,
@@ -395,6 +403,31 @@ MUTANTS: tuple[Mutant, ...] = (
         "    sub = rng\n    nxt = sample_logits(",
         "every decode step samples with the same key",
         ("tests/models/test_generate_sampling.py::test_each_step_draws_fresh_randomness",)),
+    # ---------------------------------------------------------------- mechanisms
+    Mutant(
+        "moh-routes-to-least-likely-heads", "mechanisms", "attn_jax/mechanisms/moh.py",
+        "  _, idx = jax.lax.top_k(routed_logits, top_k)",
+        "  _, idx = jax.lax.top_k(-routed_logits, top_k)",
+        "mixture-of-heads routing activates the k least likely routed heads instead of the top k",
+        ("tests/mechanisms/test_attention_variants.py::test_moh_gates",)),
+    Mutant(
+        "compressed-conv-value-shift-two-steps", "mechanisms", "attn_jax/mechanisms/compressed_conv.py",
+        "  shifted = jnp.pad(v_previous, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]",
+        "  shifted = jnp.pad(v_previous, ((0, 0), (2, 0), (0, 0), (0, 0)))[:, :-2]",
+        "the value shift reads the values two tokens back instead of one",
+        ("tests/mechanisms/test_attention_variants.py::test_compressed_conv_attention_is_causal_and_value_shift",)),
+    Mutant(
+        "selective-temperature-linear-in-position", "mechanisms", "attn_jax/mechanisms/selective.py",
+        "position_scale * jnp.log1p(positions)[..., None]",
+        "position_scale * positions[..., None]",
+        "selective attention's position term grows like i instead of log(1 + i)",
+        ("tests/mechanisms/test_attention_variants.py::test_selective_temperature",)),
+    Mutant(
+        "titans-decode-step-never-forgets", "mechanisms", "attn_jax/mechanisms/titans.py",
+        "    a = tuple((1.0 - dec) * a_l + s_l for a_l, s_l in zip(a, s))",
+        "    a = tuple(a_l + s_l for a_l, s_l in zip(a, s))",
+        "the Titans memory's decoding step drops the forgetting gate (1 - alpha_t)",
+        ("tests/mechanisms/test_titans.py::test_decode_steps_equal_recompute",)),
     # ---------------------------------------------------------------- sharding
     Mutant(
         "sharding-sequence-axis-unused", "sharding", "attn_jax/sharding.py",
