@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Callable
@@ -14,6 +15,8 @@ from jax.typing import ArrayLike
 
 from attn_jax import _jit_cache
 from attn_jax import dispatch
+from attn_jax.context_parallel import config as cp_config
+from attn_jax.context_parallel import linear as cp_linear
 from attn_jax.linear import common
 from attn_jax.linear import feature_maps
 from attn_jax.linear import pallas
@@ -150,6 +153,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, log_decay: Arr
                      segment_ids: ArrayLike | None = None, chunk_size: int | None = None,
                      implementation: str | None = None,
                      config: xla.XlaConfig | pallas.PallasTpuConfig | pallas.PallasGpuConfig | None = None,
+                     context_parallel: cp_config.ContextParallel | None = None,
                      ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Linear attention ``S_t = a_t S_{t-1} + phi(k_t) v_t^T``, ``o_t = scale * phi(q_t)^T S_t``.
 
@@ -198,6 +202,10 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, log_decay: Arr
       An explicit choice that cannot serve the call raises ``NotImplementedError``.
     config: backend tunables, e.g. :class:`attn_jax.LinearXlaConfig`; selects its backend when
       ``implementation`` is None.
+    context_parallel: an :class:`attn_jax.ContextParallel`: the sequence is split over its mesh
+      axis; each device runs the backend on its shard and the shards' states are passed on by
+      a prefix scan over the devices (:mod:`attn_jax.context_parallel.linear`). ``T`` must be
+      divisible by the axis size. None: no sequence sharding.
 
   Returns:
     ``o [B, T, Hq, Dv]`` in the dtype of ``q``; with ``return_final_state`` also the state
@@ -289,8 +297,11 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, log_decay: Arr
                      has_segments=segment_ids is not None,
                      out_dtype=jnp.dtype(jnp.float32) if normalize else jnp.dtype(q.dtype),
                      chunk_size=chunk_size)
+  if context_parallel is not None and not isinstance(context_parallel, cp_config.ContextParallel):
+    raise ValueError(f"context_parallel must be an attn_jax.ContextParallel or None, got "
+                     f"{type(context_parallel).__name__}")
   static = _LinearStatic(spec, inner_map, scale if inner_map is not None else 1.0, normalize, causal,
-                         implementation, config, dispatch.state_key(FAMILY))
+                         implementation, config, dispatch.state_key(FAMILY), context_parallel)
   o, state = _linear_cached(static, fq, fk, v, log_decay, initial_state, segment_ids)
   return (o, state) if return_final_state else o
 
@@ -307,6 +318,7 @@ class _LinearStatic:
   implementation: str | None
   config: object
   dispatch_state: tuple
+  context_parallel: cp_config.ContextParallel | None = None
 
 
 @_jit_cache.cached
@@ -332,18 +344,23 @@ def _linear_cached(st: _LinearStatic, fq, fk, v, log_decay, initial_state, segme
     initial_state = initial_state.astype(jnp.float32)
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
-  if st.causal:
-    o, state = dispatch.dispatch(FAMILY, st.implementation, fq, fk, v, log_decay, initial_state,
-                                 segment_ids, spec=spec, config=st.config)
+  if st.context_parallel is None:
+    run = functools.partial(dispatch.dispatch, FAMILY, st.implementation)
   else:
-    o, state = _non_causal(fq, fk, v, initial_state, segment_ids, spec, st.implementation, st.config)
+    run = functools.partial(cp_linear.linear_attention, cp=st.context_parallel, implementation=st.implementation)
+  if st.causal:
+    o, state = run(fq, fk, v, log_decay, initial_state, segment_ids, spec=spec, config=st.config)
+  else:
+    o, state = _non_causal(fq, fk, v, initial_state, segment_ids, spec, run, st.config)
   if st.normalize:
     o = o[..., :dv] / (o[..., dv:] + NORMALIZE_EPS)
   return o.astype(fq.dtype), state
 
 
-def _non_causal(fq, fk, v, initial_state, segment_ids, spec, implementation, config):
-  """One global state per document; returns float32 outputs and the state."""
+def _non_causal(fq, fk, v, initial_state, segment_ids, spec, run, config):
+  """One global state per document; returns float32 outputs and the state. ``run`` is the
+  causal backend call (``dispatch.dispatch`` bound to the family and implementation, or its
+  context-parallel form)."""
   b, t, hq, f = fq.shape
   hs, g = spec.num_state_heads, spec.group_size
   hi = jax.lax.Precision.HIGHEST
@@ -358,10 +375,9 @@ def _non_causal(fq, fk, v, initial_state, segment_ids, spec, implementation, con
   # pair of the document once, and the diagonal twice.
   fwd_spec = dataclasses.replace(spec, out_dtype=jnp.dtype(jnp.float32))
   bwd_spec = dataclasses.replace(fwd_spec, has_initial_state=False)
-  o_fwd, state = dispatch.dispatch(FAMILY, implementation, fq, fk, v, None, initial_state, segment_ids,
-                                   spec=fwd_spec, config=config)
-  o_bwd, _ = dispatch.dispatch(FAMILY, implementation, jnp.flip(fq, 1), jnp.flip(fk, 1), jnp.flip(v, 1), None,
-                               None, jnp.flip(segment_ids, 1), spec=bwd_spec, config=config)
+  o_fwd, state = run(fq, fk, v, None, initial_state, segment_ids, spec=fwd_spec, config=config)
+  o_bwd, _ = run(jnp.flip(fq, 1), jnp.flip(fk, 1), jnp.flip(v, 1), None, None, jnp.flip(segment_ids, 1),
+                 spec=bwd_spec, config=config)
   diag = jnp.einsum("btsgk,btsk->btsg", qg, fk, preferred_element_type=jnp.float32, precision=hi)
   diag = (diag[..., None] * v.astype(jnp.float32)[:, :, :, None]).reshape(b, t, hq, spec.value_dim)
   return o_fwd + jnp.flip(o_bwd, 1) - diag, state

@@ -14,6 +14,8 @@ from jax.typing import ArrayLike
 
 from attn_jax import _jit_cache
 from attn_jax import dispatch
+from attn_jax.context_parallel import config as cp_config
+from attn_jax.context_parallel import neighborhood as cp_neighborhood
 from attn_jax.neighborhood import mask as mask_lib
 from attn_jax.neighborhood import tiling
 from attn_jax.softmax import api as softmax_api
@@ -184,6 +186,7 @@ def neighborhood_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size
                            additional_values: jax.Array | None = None, scale: float | None = None,
                            implementation: str | None = None, return_lse: bool = False,
                            config: NeighborhoodConfig | None = None,
+                           context_parallel: cp_config.ContextParallel | None = None,
                            ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Neighborhood attention over a 1-D, 2-D or 3-D token grid, with NATTEN's semantics.
 
@@ -243,6 +246,11 @@ def neighborhood_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size
     return_lse: also return the log-sum-exp ``[B, *spatial, Hq]`` (float32).
     config: a :class:`NeighborhoodConfig` (tile shape, softmax backend config); None uses the
       heuristic tile and the backend's defaults.
+    context_parallel: an :class:`attn_jax.ContextParallel`: the leading spatial axis is split
+      over its mesh axis; each device receives the halo rows of K/V its windows reach from its
+      neighbours (``ppermute``, not an all-gather) and attends its own rows
+      (:mod:`attn_jax.context_parallel.neighborhood`). The leading size must be divisible by the
+      axis size; the strategy field is not used. None: no sharding of the grid.
 
   Returns:
     ``out [B, *spatial, Hq, Dv]`` in the dtype of ``q`` (and ``lse`` with ``return_lse``).
@@ -300,6 +308,14 @@ def neighborhood_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size
     raise ValueError(f"config.tile_shape must have one entry per spatial axis ({n}), got {config.tile_shape}")
   if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
     raise ValueError(f"scale must be a finite Python float (static) or None, got {scale!r}")
+  if context_parallel is not None:
+    if not isinstance(context_parallel, cp_config.ContextParallel):
+      raise ValueError(f"context_parallel must be an attn_jax.ContextParallel or None, got "
+                       f"{type(context_parallel).__name__}")
+    return cp_neighborhood.neighborhood_attention(
+        q, k, v, kernel_size, stride, dilation, is_causal, sinks=sinks, additional_keys=additional_keys,
+        additional_values=additional_values, scale=float(scale), implementation=implementation,
+        return_lse=return_lse, config=config, cp=context_parallel, attend=neighborhood_attention)
   static = _Static(spatial, kernel_size, stride, dilation, is_causal, float(scale),
                    resolve_backend(implementation), config, dispatch.state_key(softmax_api.FAMILY))
   out, lse = _run(static, q, k, v, sinks, additional_keys, additional_values)

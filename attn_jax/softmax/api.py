@@ -11,6 +11,8 @@ from jax.typing import ArrayLike
 
 from attn_jax import dispatch
 from attn_jax import masks as masks_lib
+from attn_jax.context_parallel import config as cp_config
+from attn_jax.context_parallel import softmax as cp_softmax
 from attn_jax.softmax import common
 from attn_jax.softmax import cudnn
 from attn_jax.softmax import pallas
@@ -64,6 +66,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
               kv_segment_ids: ArrayLike | None = None, implementation: str | None = None,
               return_lse: bool = False,
               config: xla.XlaConfig | pallas.PallasTpuConfig | pallas.PallasGpuConfig | None = None,
+              context_parallel: cp_config.ContextParallel | None = None,
               ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Softmax attention ``softmax(scale * q k^T + mask) v`` in the ``[batch, seq, heads, dim]`` layout.
 
@@ -92,6 +95,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
     return_lse: also return the log-sum-exp of each row.
     config: backend tunables (e.g. :class:`attn_jax.XlaConfig`); with ``implementation=None`` it
       selects its own backend.
+    context_parallel: an :class:`attn_jax.ContextParallel`: q, k, v (and segment ids) are split
+      along the sequence over its mesh axis and each device attends its queries to every key
+      shard by ring or all-gather (see :mod:`attn_jax.context_parallel.softmax`); each device
+      runs the chosen backend on its local tiles. ``q_len`` and ``kv_len`` must be divisible by
+      the axis size (times 2 with zig-zag load balancing). None: no sequence sharding.
 
   Returns:
     ``out [B, Tq, Hq, Dv]`` in the dtype of ``q``; with ``return_lse``, also
@@ -156,7 +164,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
       mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, q_len=tq, kv_len=tk,
       num_q_heads=hq, num_kv_heads=hkv, head_dim=d, v_head_dim=v.shape[3],
       has_sinks=sinks is not None, has_segments=q_segment_ids is not None, return_lse=bool(return_lse))
-  out, lse = dispatch.dispatch(FAMILY, implementation, q, k, v, sinks, q_segment_ids,
-                               kv_segment_ids, spec=spec, config=config)
+  if context_parallel is not None:
+    if not isinstance(context_parallel, cp_config.ContextParallel):
+      raise ValueError(f"context_parallel must be an attn_jax.ContextParallel or None, got "
+                       f"{type(context_parallel).__name__}")
+    out, lse = cp_softmax.attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, spec=spec,
+                                    cp=context_parallel, implementation=implementation, config=config)
+  else:
+    out, lse = dispatch.dispatch(FAMILY, implementation, q, k, v, sinks, q_segment_ids,
+                                 kv_segment_ids, spec=spec, config=config)
   return (out, lse) if return_lse else out
 
