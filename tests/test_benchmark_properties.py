@@ -78,8 +78,10 @@ def test_efficiency_lengths_on_synthetic_numbers():
   assert rows[("b", "noncausal_self")]["memory_efficiency_length"] == 256
   assert rows[("a", "noncausal_self")]["time_efficiency_length"] is None
   assert (base, "causal_self") not in rows
-  md = "\n".join(report.efficiency_section(records, list(rows.values()),
-                                           dict(batch=1, heads=2, kv_heads=2, head_dim=8, dtype="float32")))
+  # The report prints those lengths, and each measurement in its table.
+  md = "\n".join(report.efficiency_length_table(list(rows.values()), report.quality_standing(None, {}), level=2))
+  assert "| a | fwd | - | 512 / 128 | - / - |" in md
+  md = "\n".join(report.efficiency_section(records, dict(batch=1, heads=2, kv_heads=2, head_dim=8, dtype="float32")))
   assert "| a | 3.00 / 0.5 |" in md
 
 
