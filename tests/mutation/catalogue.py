@@ -327,8 +327,8 @@ MUTANTS: tuple[Mutant, ...] = (
         (_gla_case("gpu-gqa-segments-chunk16"),)),
     Mutant(
         "linear-gpu-gla-gate-on-value-side", "linear_kernels", "pallas_kernels/linear_gpu.py",
-        "  return r[\"carry\"][pl.ds(c * kd, kd)][:, None]  # [K, 1]",
-        "  return r[\"carry\"][pl.ds(c * kd, kd)][None, :]  # [K, 1]",
+        "  return r[\"carry\"][:, pl.ds(c, 1)]  # [K, 1] of the [K, N] carries",
+        "  return r[\"carry\"][:, pl.ds(c, 1)].T  # [K, 1] of the [K, N] carries",
         "the GPU GLA kernels scale the value columns of the state by the key-channel gates",
         (_gla_case("gpu-gqa-segments-chunk16"),)),
     Mutant(
