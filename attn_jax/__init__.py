@@ -9,6 +9,7 @@ Public API::
 """
 
 from attn_jax import block_mask
+from attn_jax import block_mask_traced
 from attn_jax import dispatch
 from attn_jax import inspect
 from attn_jax import masks
@@ -16,6 +17,7 @@ from attn_jax import mechanisms
 from attn_jax import neighborhood
 from attn_jax import sharding
 from attn_jax.block_mask import BlockMask, make_block_mask
+from attn_jax.block_mask_traced import TracedBlockMask
 from attn_jax.linear import feature_maps as linear_feature_maps
 from attn_jax.linear.api import linear_attention, linear_attention_step
 from attn_jax.linear.pallas import PallasGpuConfig as LinearPallasGpuConfig
@@ -55,4 +57,6 @@ __all__ = [
     "LinearXlaConfig",
     "LinearPallasTpuConfig",
     "LinearPallasGpuConfig",
+    "block_mask_traced",
+    "TracedBlockMask",
 ]

@@ -8,6 +8,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from attn_jax import block_mask_traced
 from attn_jax import dispatch
 from attn_jax import masks as masks_lib
 from attn_jax.softmax import common
@@ -59,7 +60,7 @@ def _check_static_number(name, value, positive=False):
 
 def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=None,
               q_segment_ids=None, kv_segment_ids=None, implementation=None, return_lse=False,
-              config=None):
+              config=None, block_mask=None):
   """Softmax attention ``softmax(scale * q k^T + mask) v`` in the ``[batch, seq, heads, dim]`` layout.
 
   Covers the four CAB patterns: non-causal self (``mask=None``), causal self
@@ -87,6 +88,12 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
     return_lse: also return the log-sum-exp of each row.
     config: backend tunables (e.g. :class:`attn_jax.XlaConfig`); with ``implementation=None`` it
       selects its own backend.
+    block_mask: a :class:`attn_jax.TracedBlockMask` built inside ``jit`` from data (see
+      :mod:`attn_jax.block_mask_traced`): query ``i`` sees key ``j`` only if its query block
+      selected ``j``'s key block, in addition to the mask (which is the block mask's static
+      mask; ``mask`` may be omitted or must equal it). Its blocks are the backends' tiles.
+      Served by the reference, xla and pallas_gpu backends, forward and backward; new data
+      never recompiles.
 
   Returns:
     ``out [B, Tq, Hq, Dv]`` in the dtype of ``q``; with ``return_lse``, also
@@ -114,6 +121,14 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
   if hq % hkv:
     raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA/MQA")
 
+  if block_mask is not None:
+    if not isinstance(block_mask, block_mask_traced.TracedBlockMask):
+      raise ValueError(f"block_mask must be an attn_jax.TracedBlockMask or None, got {type(block_mask).__name__}")
+    if mask is not None and mask != block_mask.mask:
+      raise ValueError(f"mask {mask!r} differs from block_mask's static mask {block_mask.mask!r}: expected the "
+                       f"same mask or None")
+    block_mask.check_compatible(b, tq, tk, hq, hkv)
+    mask = block_mask.mask
   if mask is None:
     mask = masks_lib.full()
   elif not isinstance(mask, masks_lib.Mask):
@@ -149,8 +164,9 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
   spec = common.Spec(
       mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, q_len=tq, kv_len=tk,
       num_q_heads=hq, num_kv_heads=hkv, head_dim=d, v_head_dim=v.shape[3],
-      has_sinks=sinks is not None, has_segments=q_segment_ids is not None, return_lse=bool(return_lse))
+      has_sinks=sinks is not None, has_segments=q_segment_ids is not None, return_lse=bool(return_lse),
+      traced_layout=None if block_mask is None else block_mask.layout)
   out, lse = dispatch.dispatch(FAMILY, implementation, q, k, v, sinks, q_segment_ids,
-                               kv_segment_ids, spec=spec, config=config)
+                               kv_segment_ids, spec=spec, config=config, block_mask=block_mask)
   return (out, lse) if return_lse else out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +33,9 @@ class Spec:
   has_segments: bool
   # Whether the caller asked for the log-sum-exp; backends that cannot produce it (cudnn) refuse.
   return_lse: bool = False
+  # The static part of a traced BlockMask (block_mask=), or None: the block lists then travel as
+  # arrays in the backend's ``block_mask`` argument.
+  traced_layout: Any = None
 
   @property
   def group_size(self) -> int:

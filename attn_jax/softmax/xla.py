@@ -26,6 +26,7 @@ from jax import lax
 from attn_jax import block_mask as block_mask_lib
 from attn_jax import dispatch
 from attn_jax.softmax import common
+from attn_jax.softmax import xla_sparse
 
 _DEFAULT_BLOCK = 512
 
@@ -77,11 +78,16 @@ class _Static:
     return bm.union_over_heads()
 
 
-def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, config=None):
+def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, config=None,
+              block_mask=None):
   """xla backend: same contract as :func:`attn_jax.softmax.reference.attention`."""
   config = config or XlaConfig()
   if not isinstance(config, XlaConfig):
     raise ValueError(f"config must be an XlaConfig for implementation='xla', got {type(config).__name__}")
+  if block_mask is not None:
+    # A traced BlockMask has lists per (batch, head group): the gather form serves it.
+    return xla_sparse.attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, spec=spec,
+                                block_mask=block_mask, config=config)
   static = _Static(spec, _block(config.block_q, spec.q_len), _block(config.block_kv, spec.kv_len),
                    config.record_visits)
   return _flash(static, q, k, v, sinks, q_segment_ids, kv_segment_ids)
