@@ -19,6 +19,7 @@ from attn_jax import sharding
 from attn_jax.block_mask import BlockMask, make_block_mask
 from attn_jax.block_mask_traced import TracedBlockMask
 from attn_jax.linear import feature_maps as linear_feature_maps
+from attn_jax.mechanisms.block_topk import topk_block_attention
 from attn_jax.linear.api import linear_attention, linear_attention_step
 from attn_jax.linear.pallas import PallasGpuConfig as LinearPallasGpuConfig
 from attn_jax.linear.pallas import PallasTpuConfig as LinearPallasTpuConfig
@@ -59,4 +60,5 @@ __all__ = [
     "LinearPallasGpuConfig",
     "block_mask_traced",
     "TracedBlockMask",
+    "topk_block_attention",
 ]

@@ -1,5 +1,10 @@
 """The literature's named attention mechanisms, built on the attn_jax primitives (no flax)."""
 
+from attn_jax.mechanisms.block_topk import block_scores
+from attn_jax.mechanisms.block_topk import topk_block_attention
+from attn_jax.mechanisms.block_topk import topk_block_attention_reference
+from attn_jax.mechanisms.block_topk import topk_block_mask
+
 from attn_jax.mechanisms.linear import aaren
 from attn_jax.mechanisms.linear import aaren_init_state
 from attn_jax.mechanisms.linear import aaren_step
@@ -68,3 +73,6 @@ __all__ += [
     "neural_memory", "neural_memory_step", "TitansConfig", "init_titans", "mac_mask", "titans_block", "titans_mac",
     "titans_mag", "titans_mal",
 ]
+
+# Content-dependent sparse attention of issue 14.
+__all__ += ["block_scores", "topk_block_attention", "topk_block_attention_reference", "topk_block_mask"]
