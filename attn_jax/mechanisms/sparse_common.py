@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from attn_jax.mechanisms import dense
 from attn_jax.softmax import common
 from attn_jax.softmax import xla_sparse
 
@@ -118,3 +119,133 @@ def block_sparse_attention(q, k, v, block_mask, *, scale=None, transform: Callab
   out, lse = lax.map(body, (jnp.arange(lay.num_q_blocks), *rows))
   out, lse = xla_sparse._public_queries(out, st), xla_sparse._public_queries(lse, st)
   return (out, lse) if return_lse else out
+
+
+def gated_block_attention(q, k, v, gate_keys, *, block_size: int, top_k: int | None, own_gate: str, scale=None):
+  """A mixture of per-block softmax attentions, gated by a softmax over block scores (causal, self).
+
+  The keys are cut into aligned blocks of ``block_size``. Query ``i`` (in block ``I``) scores every
+  earlier block ``b < I`` by ``gamma_ib = scale * q_i . gate_keys[b]``, keeps its ``top_k`` best
+  (all if None; ties to the lower block), and outputs
+
+  ``o_i = w_own o_own(i) + sum_{b kept} w_ib o_b(i)``, ``w = softmax(gamma_own, gamma_ib kept)``,
+
+  where ``o_b(i)`` is softmax attention of ``q_i`` over block ``b`` alone and ``o_own`` over its own
+  block up to ``i``. ``own_gate="lse"`` makes ``gamma_own`` the LSE of the own block's logits,
+  which is the same as letting the own tokens enter the gate softmax one by one (Landmark
+  Attention's grouped softmax); ``own_gate="self"`` uses ``scale * q_i . k_i`` (the own block's
+  representative is the query's own key).
+
+  Args:
+    q, k, v: ``[B, T, Hq, D]``, ``[B, T, Hkv, D]``, ``[B, T, Hkv, Dv]``.
+    gate_keys: ``[B, nb, Hkv, D]`` with ``nb >= ceil(T / block_size) - 1`` (one per earlier block).
+
+  Returns:
+    ``[B, T, Hq, Dv]`` float32. Differentiable in q, k, v and gate_keys; the choice of blocks is not.
+  """
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  l = block_size
+  nb = -(-t // l)
+  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  pad = nb * l - t
+  qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).astype(jnp.float32)
+  kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).astype(jnp.float32)
+  vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))).astype(jnp.float32)
+  kblk = kp.reshape(b, nb, l, hkv, d)[:, :, :, jnp.arange(hq) // g]                        # [B, nb, l, Hq, D]
+  vblk = vp.reshape(b, nb, l, hkv, -1)[:, :, :, jnp.arange(hq) // g]
+  gk = jnp.pad(gate_keys.astype(jnp.float32), ((0, 0), (0, max(0, nb - gate_keys.shape[1])), (0, 0), (0, 0)))
+  gk = gk[:, :nb, jnp.arange(hq) // g]                                                      # [B, nb, Hq, D]
+  hi = jax.lax.Precision.HIGHEST
+
+  def softmax_parts(s, vis):
+    m = jax.lax.stop_gradient(jnp.max(jnp.where(vis, s, -jnp.inf), -1))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(vis, jnp.exp(s - m[..., None]), 0.0)
+    lsum = p.sum(-1)
+    safe = jnp.where(lsum > 0, lsum, 1.0)
+    return p / safe[..., None], jnp.where(lsum > 0, m + jnp.log(safe), -jnp.inf)
+
+  @jax.checkpoint
+  def q_block(i, qp, kblk, vblk, gk):
+    qb = jax.lax.dynamic_slice_in_dim(qp, i * l, l, axis=1)                                 # [B, l, Hq, D]
+    rows = i * l + jnp.arange(l)
+    # Own block, causal, and key padding.
+    s_own = jnp.einsum("bqhd,bkhd->bhqk", qb, kblk[:, i], precision=hi) * scale
+    vis_own = (rows[None, :] <= rows[:, None]) & (rows[None, :] < t)
+    p_own, lse_own = softmax_parts(s_own, vis_own)
+    o_own = jnp.einsum("bhqk,bkhd->bhqd", p_own, vblk[:, i], precision=hi)
+    gamma = jnp.einsum("bqhd,bnhd->bhqn", qb, gk, precision=hi) * scale                     # [B, Hq, l, nb]
+    earlier = jnp.arange(nb) < i
+    if top_k == 0:
+      o_b = jnp.zeros(o_own.shape[:3] + (0, o_own.shape[3]), o_own.dtype)
+      gamma_b = jnp.zeros(gamma.shape[:3] + (0,), gamma.dtype)
+    elif top_k is None:
+      s = jnp.einsum("bqhd,bnkhd->bhqnk", qb, kblk, precision=hi) * scale
+      p, lse_b = softmax_parts(s, jnp.ones(s.shape, bool))
+      o_b = jnp.einsum("bhqnk,bnkhd->bhqnd", p, vblk, precision=hi)
+      gamma_b = jnp.where(earlier, gamma, -jnp.inf)
+    else:
+      vals, idx = jax.lax.top_k(jnp.where(earlier, jax.lax.stop_gradient(gamma), -jnp.inf), top_k)
+      live = vals > -jnp.inf                                                                # [B, Hq, l, K]
+      take = jax.vmap(jax.vmap(lambda x, ix: x[ix], in_axes=(2, 0)))                        # per (b, h)
+      ks = take(kblk, idx)                                                                  # [B, Hq, l, K, l, D]
+      vs = take(vblk, idx)
+      s = jnp.einsum("bhqd,bhqnkd->bhqnk", qb.transpose(0, 2, 1, 3), ks, precision=hi) * scale
+      p, lse_b = softmax_parts(s, jnp.ones(s.shape, bool))
+      o_b = jnp.einsum("bhqnk,bhqnkd->bhqnd", p, vs, precision=hi)
+      gamma_b = jnp.where(live, jnp.take_along_axis(gamma, idx, axis=-1), -jnp.inf)
+    if own_gate == "lse":
+      gamma_own = lse_own
+    else:
+      kself = jax.lax.dynamic_slice_in_dim(kp, i * l, l, axis=1)[:, :, jnp.arange(hq) // g]
+      gamma_own = jnp.einsum("bqhd,bqhd->bhq", qb, kself, precision=hi) * scale
+    gates = jax.nn.softmax(jnp.concatenate([gamma_own[..., None], gamma_b], -1), axis=-1)
+    out = gates[..., :1] * o_own + jnp.einsum("bhqn,bhqnd->bhqd", gates[..., 1:], o_b, precision=hi)
+    return out.transpose(0, 2, 1, 3)                                                        # [B, l, Hq, Dv]
+
+  out = jax.lax.map(lambda i: q_block(i, qp, kblk, vblk, gk), jnp.arange(nb))               # [nb, B, l, Hq, Dv]
+  return out.transpose(1, 0, 2, 3, 4).reshape(b, nb * l, hq, -1)[:, :t]
+
+
+def gated_block_attention_reference(q, k, v, gate_keys, *, block_size: int, top_k: int | None, own_gate: str,
+                                    scale=None):
+  """The oracle of :func:`gated_block_attention`: the ``[T, T]`` weights written out densely.
+
+  Weight of key ``j`` in block ``b`` for query ``i``: ``w_ib * exp(s_ij - lse_b(i))``, i.e. logits
+  ``s_ij - lse_b(i) + log w_ib`` in one softmax.
+  """
+  b, t, hq, d = q.shape
+  g = hq // k.shape[2]
+  l = block_size
+  nb = -(-t // l)
+  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  hi = jax.lax.Precision.HIGHEST
+  qf = q.astype(jnp.float32).transpose(0, 2, 1, 3)
+  kf = jnp.repeat(k.astype(jnp.float32), g, axis=2).transpose(0, 2, 1, 3)
+  s = jnp.einsum("bhqd,bhkd->bhqk", qf, kf, precision=hi) * scale                         # [B, Hq, T, T]
+  qi, kj = jnp.arange(t) // l, jnp.arange(t) // l
+  own = qi[:, None] == kj[None, :]
+  vis = (~own & (kj[None, :] < qi[:, None])) | (own & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]))
+  onehot = jax.nn.one_hot(kj, nb, dtype=bool)                                               # [T, nb]
+  # lse_b(i) for every block b (own block: causal part only).
+  masked = jnp.where(vis[..., None] & onehot[None, :, :], s[..., None], -jnp.inf)          # [B, Hq, T, T, nb]
+  lse_b = jax.nn.logsumexp(masked, axis=-2)                                                 # [B, Hq, T, nb]
+  gk = jnp.repeat(gate_keys.astype(jnp.float32), g, axis=2).transpose(0, 2, 1, 3)[:, :, :nb]
+  gk = jnp.pad(gk, ((0, 0), (0, 0), (0, nb - gk.shape[2]), (0, 0)))
+  gamma = jnp.einsum("bhqd,bhnd->bhqn", qf, gk, precision=hi) * scale                     # [B, Hq, T, nb]
+  earlier = jnp.arange(nb)[None, :] < qi[:, None]
+  if top_k is not None:
+    order = jnp.argsort(jnp.where(earlier, -jax.lax.stop_gradient(gamma), jnp.inf), axis=-1, stable=True)
+    earlier = earlier & (jnp.argsort(order, axis=-1) < top_k)
+  own_b = jax.nn.one_hot(qi, nb, dtype=bool)                                                # [T, nb]
+  if own_gate == "lse":
+    gamma_own = jnp.sum(jnp.where(own_b, lse_b, 0.0), -1)
+  else:
+    gamma_own = jnp.einsum("bhqd,bhqd->bhq", qf, kf, precision=hi) * scale
+  item_logit = jnp.where(own_b, gamma_own[..., None], jnp.where(earlier, gamma, -jnp.inf))
+  log_w = jax.nn.log_softmax(item_logit, axis=-1)                                           # [B, Hq, T, nb]
+  keep = vis & (earlier[..., kj] | own)
+  logits = s - lse_b[..., kj] + log_w[..., kj]
+  return dense.attention(q, k, v, scale=1.0, logits_fn=lambda _: jnp.where(keep, logits, -jnp.inf))
