@@ -105,7 +105,8 @@ def block_sparse_attention(q, k, v, block_mask, *, scale=None, transform: Callab
         vis = vis & extra
     m = jnp.max(jnp.where(vis, logits, common.NEG_INF), axis=-1)
     m = lax.stop_gradient(m)
-    p = jnp.where(vis, jnp.exp(logits - m[..., None]), 0.0)
+    # exp of a masked logit is never formed: its cotangent would be 0 * inf = NaN.
+    p = jnp.exp(jnp.where(vis, logits - m[..., None], -jnp.inf))
     l = p.sum(-1)
     acc = jnp.einsum("bhmgqk,bhmkd->bhmgqd", p, vb.astype(jnp.float32), preferred_element_type=jnp.float32)
     positive = l > 0
@@ -162,7 +163,7 @@ def gated_block_attention(q, k, v, gate_keys, *, block_size: int, top_k: int | N
   def softmax_parts(s, vis):
     m = jax.lax.stop_gradient(jnp.max(jnp.where(vis, s, -jnp.inf), -1))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(vis, jnp.exp(s - m[..., None]), 0.0)
+    p = jnp.exp(jnp.where(vis, s - m[..., None], -jnp.inf))
     lsum = p.sum(-1)
     safe = jnp.where(lsum > 0, lsum, 1.0)
     return p / safe[..., None], jnp.where(lsum > 0, m + jnp.log(safe), -jnp.inf)
