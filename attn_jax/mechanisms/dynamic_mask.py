@@ -16,8 +16,8 @@ skipped through a traced BlockMask (Sec. 3.3, position-aware sparse computation)
 Block structure. The ``window``-th largest bias among keys ``<= p`` can only grow with ``p``, so
 the keys a query keeps before its own block are all kept by the first row of that block: the
 rows of a query block together need the blocks of at most ``window`` keys plus their own
-block(s). The BlockMask width ``min(num_kv_blocks, window + 2)`` is therefore exact, never a
-truncation.
+block(s). The BlockMask width ``min(num_kv_blocks, window + own blocks)`` (one own block when
+the query blocks align with the key blocks, two otherwise) is therefore exact, never a truncation.
 """
 
 from __future__ import annotations

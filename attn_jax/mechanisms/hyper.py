@@ -154,7 +154,7 @@ def _causal(q, k, v, cq, ck, rng, st):
   return jnp.concatenate([o1, o2], axis=1), jnp.concatenate([l1, l2], axis=1)
 
 
-def hyper_attention(q, k, v, projections, key, *, block_size: int = 256, sample_size: int = 256,
+def hyper_attention(q, k, v, projections, key, *, block_size: int | None = None, sample_size: int | None = None,
                     causal: bool = True, min_seq_len: int | None = None, scale=None, implementation=None,
                     return_lse: bool = False):
   """HyperAttention: sorted-LSH diagonal blocks plus uniformly sampled columns, merged by LSE.
@@ -163,8 +163,10 @@ def hyper_attention(q, k, v, projections, key, *, block_size: int = 256, sample_
     q, k, v: ``[B, Tq, Hq, D]``, ``[B, Tk, Hkv, D]``, ``[B, Tk, Hkv, Dv]``.
     projections: ``[D, r]`` hyperplanes of the angular LSH (e.g. ``jax.random.normal``), ``r <= 30``.
     key: PRNG key of the column samples.
-    block_size: queries per sorted block (it must divide every node the recursion cuts).
-    sample_size: sampled key columns ``m`` per (batch, head, node), in ``[0, Tk]``.
+    block_size: queries per sorted block (it must divide every node the recursion cuts); default
+      ``min(256, Tq)``.
+    sample_size: sampled key columns ``m`` per (batch, head, node), in ``[0, Tk]``; default
+      ``min(256, Tk)``.
     causal: causal recursion (``Tq == Tk``) or one non-causal node.
     min_seq_len: nodes of at most this many queries are computed exactly (default
       ``4 * block_size``); ``min_seq_len >= Tq`` gives exact attention.
@@ -175,6 +177,8 @@ def hyper_attention(q, k, v, projections, key, *, block_size: int = 256, sample_
   Returns:
     ``[B, Tq, Hq, Dv]`` in the dtype of ``q``.
   """
+  block_size = min(256, q.shape[1]) if block_size is None else block_size
+  sample_size = min(256, k.shape[1]) if sample_size is None else sample_size
   min_seq_len = 4 * block_size if min_seq_len is None else min_seq_len
   block_size, sample_size, min_seq_len = _check(q, k, v, projections, block_size, sample_size, causal,
                                                 min_seq_len, "hyper_attention")
@@ -212,9 +216,12 @@ def _log_weights(cq, ck, rng, st, causal, tq, tk):
   return jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
 
 
-def hyper_attention_reference(q, k, v, projections, key, *, block_size: int = 256, sample_size: int = 256,
+def hyper_attention_reference(q, k, v, projections, key, *, block_size: int | None = None,
+                              sample_size: int | None = None,
                               causal: bool = True, min_seq_len: int | None = None, scale=None):
   """The oracle: the weighted softmax of the same hashes and samples, materialised ``[Tq, Tk]``."""
+  block_size = min(256, q.shape[1]) if block_size is None else block_size
+  sample_size = min(256, k.shape[1]) if sample_size is None else sample_size
   min_seq_len = 4 * block_size if min_seq_len is None else min_seq_len
   block_size, sample_size, min_seq_len = _check(q, k, v, projections, block_size, sample_size, causal,
                                                 min_seq_len, "hyper_attention_reference")
