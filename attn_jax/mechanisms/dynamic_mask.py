@@ -66,42 +66,59 @@ def _check(q, k, v, bias, window, block_size, fn):
   return window, block_size
 
 
+def _beats(v1, p1, v2, p2):
+  """``(v1, p1) > (v2, p2)`` in lexicographic order (larger bias, then the later position)."""
+  return (v1 > v2) | ((v1 == v2) & (p1 > p2))
+
+
 def _thresholds(bias, window: int, block: int):
   """Per key position p: the ``window``-th largest ``(bias, position)`` among keys ``<= p``.
 
   Returns ``(value, position)`` arrays ``[B, Hkv, Tk]``; ``(-inf, -1)`` where fewer than ``window``
-  keys exist. A scan over key blocks carries the top-``window`` of the prefix (one sort of
-  ``window + block`` candidates per row of the block).
+  keys exist. A scan over key blocks carries the prefix's top ``window`` in decreasing order;
+  inside a block, every candidate's rank in each row's candidate set is a count of the candidates
+  that beat it (comparisons and cumulative sums, ``O(block * (window + block))``, no sort), and a
+  row's threshold is its candidate of rank ``window - 1``.
   """
   b, t, h = bias.shape
   n = -(-t // block)
   pad = n * block - t
+  w = window
   vals = jnp.pad(bias.transpose(0, 2, 1), ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
-  pos = jnp.broadcast_to(jnp.arange(n * block), vals.shape)
+  pos = jnp.broadcast_to(jnp.arange(n * block, dtype=jnp.int32), vals.shape)
   pos = jnp.where(pos < t, pos, -1)
   vals = vals.reshape(b, h, n, block).transpose(2, 0, 1, 3)
   pos = pos.reshape(b, h, n, block).transpose(2, 0, 1, 3)
-
-  def top(v, p, count):
-    # Sort by (value, position) descending; lax.sort sorts ascending, so negate both.
-    nv, npos = lax.sort((-v, -p), dimension=-1, num_keys=2)
-    return -nv[..., :count], -npos[..., :count]
+  upto = jnp.arange(block)[:, None] >= jnp.arange(block)[None, :]             # [row r, element s]: s <= r
 
   def step(carry, blk):
-    cv, cp = carry                                            # [B, H, window]
-    bv, bp = blk                                              # [B, H, block]
-    # Row r of the block sees the carry and the block's keys 0..r.
-    upto = jnp.arange(block)[:, None] >= jnp.arange(block)[None, :]
-    rv = jnp.where(upto, bv[..., None, :], -jnp.inf)          # [B, H, block, block]
-    rp = jnp.where(upto, bp[..., None, :], -1)
-    cand_v = jnp.concatenate([jnp.broadcast_to(cv[..., None, :], rv.shape[:-1] + (window,)), rv], -1)
-    cand_p = jnp.concatenate([jnp.broadcast_to(cp[..., None, :], rp.shape[:-1] + (window,)), rp], -1)
-    tv, tp = top(cand_v, cand_p, window)
-    new = top(jnp.concatenate([cv, bv], -1), jnp.concatenate([cp, bp], -1), window)
-    return new, (tv[..., -1], tp[..., -1])
+    cv, cp = carry                                                            # [B, H, w], decreasing
+    bv, bp = blk                                                              # [B, H, block]
+    # x_beats_c[s, j]: block element s beats carry element j; cumulated over s up to row r.
+    x_beats_c = _beats(bv[..., :, None], bp[..., :, None], cv[..., None, :], cp[..., None, :])
+    cnt_xc = jnp.cumsum(x_beats_c.astype(jnp.int32), axis=-2)                 # [B, H, r, w]
+    rank_c = jnp.arange(w) + cnt_xc
+    c_beats_x = _beats(cv[..., None, :], cp[..., None, :], bv[..., :, None], bp[..., :, None]).sum(-1)
+    x_beats_x = _beats(bv[..., :, None], bp[..., :, None], bv[..., None, :], bp[..., None, :])  # [s', s]
+    cnt_xx = jnp.cumsum(x_beats_x.astype(jnp.int32), axis=-2)                 # [B, H, r, s]
+    rank_x = c_beats_x[..., None, :] + cnt_xx
+    hit_c = rank_c == w - 1
+    hit_x = (rank_x == w - 1) & upto
+    tv = jnp.maximum(jnp.max(jnp.where(hit_c, cv[..., None, :], -jnp.inf), -1),
+                     jnp.max(jnp.where(hit_x, bv[..., None, :], -jnp.inf), -1))
+    tp = jnp.maximum(jnp.max(jnp.where(hit_c, cp[..., None, :], -1), -1),
+                     jnp.max(jnp.where(hit_x, bp[..., None, :], -1), -1))
+    # The new carry: the union's elements of rank < w, placed at their rank.
+    ranks = jnp.concatenate([rank_c[..., -1, :], rank_x[..., -1, :]], -1)     # [B, H, w + block]
+    slot = jnp.where(ranks < w, ranks, w)
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(h)[None, :, None]
+    nv = jnp.full((b, h, w + 1), -jnp.inf).at[bi, hi, slot].max(jnp.concatenate([cv, bv], -1))
+    np_ = jnp.full((b, h, w + 1), -1, jnp.int32).at[bi, hi, slot].max(jnp.concatenate([cp, bp], -1))
+    return (nv[..., :w], np_[..., :w]), (tv, tp)
 
-  init = (jnp.full((b, h, window), -jnp.inf), jnp.full((b, h, window), -1, jnp.int32))
-  _, (tv, tp) = lax.scan(step, init, (vals, pos.astype(jnp.int32)))
+  init = (jnp.full((b, h, w), -jnp.inf), jnp.full((b, h, w), -1, jnp.int32))
+  _, (tv, tp) = lax.scan(step, init, (vals, pos))
   tv = tv.transpose(1, 2, 0, 3).reshape(b, h, n * block)[..., :t]
   tp = tp.transpose(1, 2, 0, 3).reshape(b, h, n * block)[..., :t]
   return tv, tp

@@ -154,8 +154,9 @@ def gated_block_attention(q, k, v, gate_keys, *, block_size: int, top_k: int | N
   qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).astype(jnp.float32)
   kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).astype(jnp.float32)
   vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))).astype(jnp.float32)
-  kblk = kp.reshape(b, nb, l, hkv, d)[:, :, :, jnp.arange(hq) // g]                        # [B, nb, l, Hq, D]
-  vblk = vp.reshape(b, nb, l, hkv, -1)[:, :, :, jnp.arange(hq) // g]
+  # Head-major blocks [B, Hq, nb, l, X]: a gathered block is one contiguous slice.
+  kblk = kp.reshape(b, nb, l, hkv, d)[:, :, :, jnp.arange(hq) // g].transpose(0, 3, 1, 2, 4)
+  vblk = vp.reshape(b, nb, l, hkv, -1)[:, :, :, jnp.arange(hq) // g].transpose(0, 3, 1, 2, 4)
   gk = jnp.pad(gate_keys.astype(jnp.float32), ((0, 0), (0, max(0, nb - gate_keys.shape[1])), (0, 0), (0, 0)))
   gk = gk[:, :nb, jnp.arange(hq) // g]                                                      # [B, nb, Hq, D]
   hi = jax.lax.Precision.HIGHEST
@@ -173,24 +174,24 @@ def gated_block_attention(q, k, v, gate_keys, *, block_size: int, top_k: int | N
     qb = jax.lax.dynamic_slice_in_dim(qp, i * l, l, axis=1)                                 # [B, l, Hq, D]
     rows = i * l + jnp.arange(l)
     # Own block, causal, and key padding.
-    s_own = jnp.einsum("bqhd,bkhd->bhqk", qb, kblk[:, i], precision=hi) * scale
+    s_own = jnp.einsum("bqhd,bhkd->bhqk", qb, kblk[:, :, i], precision=hi) * scale
     vis_own = (rows[None, :] <= rows[:, None]) & (rows[None, :] < t)
     p_own, lse_own = softmax_parts(s_own, vis_own)
-    o_own = jnp.einsum("bhqk,bkhd->bhqd", p_own, vblk[:, i], precision=hi)
+    o_own = jnp.einsum("bhqk,bhkd->bhqd", p_own, vblk[:, :, i], precision=hi)
     gamma = jnp.einsum("bqhd,bnhd->bhqn", qb, gk, precision=hi) * scale                     # [B, Hq, l, nb]
     earlier = jnp.arange(nb) < i
     if top_k == 0:
       o_b = jnp.zeros(o_own.shape[:3] + (0, o_own.shape[3]), o_own.dtype)
       gamma_b = jnp.zeros(gamma.shape[:3] + (0,), gamma.dtype)
     elif top_k is None:
-      s = jnp.einsum("bqhd,bnkhd->bhqnk", qb, kblk, precision=hi) * scale
+      s = jnp.einsum("bqhd,bhnkd->bhqnk", qb, kblk, precision=hi) * scale
       p, lse_b = softmax_parts(s, jnp.ones(s.shape, bool))
-      o_b = jnp.einsum("bhqnk,bnkhd->bhqnd", p, vblk, precision=hi)
+      o_b = jnp.einsum("bhqnk,bhnkd->bhqnd", p, vblk, precision=hi)
       gamma_b = jnp.where(earlier, gamma, -jnp.inf)
     else:
       vals, idx = jax.lax.top_k(jnp.where(earlier, jax.lax.stop_gradient(gamma), -jnp.inf), top_k)
       live = vals > -jnp.inf                                                                # [B, Hq, l, K]
-      take = jax.vmap(jax.vmap(lambda x, ix: x[ix], in_axes=(2, 0)))                        # per (b, h)
+      take = jax.vmap(jax.vmap(lambda x, ix: x[ix]))                                        # per (b, h)
       ks = take(kblk, idx)                                                                  # [B, Hq, l, K, l, D]
       vs = take(vblk, idx)
       s = jnp.einsum("bhqd,bhqnkd->bhqnk", qb.transpose(0, 2, 1, 3), ks, precision=hi) * scale
