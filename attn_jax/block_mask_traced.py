@@ -391,3 +391,15 @@ def expand_heads(x, axis: int, num_q_heads: int, num_kv_heads: int):
   else:  # hm == 1
     split = (1, 1)
   return x.reshape(x.shape[:axis] + split + x.shape[axis + 1:])
+
+
+def check_tile_config(owner: str, config, layout: Layout) -> None:
+  """ValueError unless ``config``'s block sizes are None or the traced mask's own blocks.
+
+  A traced BlockMask's lists index its blocks, so a backend serving it tiles with those blocks.
+  """
+  for name, want in (("block_q", layout.block_q), ("block_kv", layout.block_kv)):
+    got = getattr(config, name)
+    if got is not None and got != want:
+      raise ValueError(f"{owner}.{name}={got} differs from the traced block_mask's {name}={want}: "
+                       f"with block_mask= the tiles are the mask's blocks (leave {name} None)")

@@ -146,6 +146,16 @@ def test_xla_matches_reference(case):
   helpers.compare_backends("xla", None, *args, **kwargs)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu"])
+def test_query_and_key_blocks_of_different_sizes(implementation):
+  q, k, v, s, d_out, d_lse = helpers.make_inputs(9, 2, 70, 70, 4, 2, 16, 8, jnp.float32)
+  scores = jax.random.normal(jax.random.PRNGKey(9), (2, 2, 5, 3))
+  tb = traced.from_scores(scores, 1, q_len=70, kv_len=70, block_q=16, block_kv=32, mask=masks.causal(),
+                          keep=masks.from_fn(lambda q, k: q // 32 == k // 32, name="own32"))
+  config = attn_jax.PallasGpuConfig(interpret=True) if implementation == "pallas_gpu" else None
+  helpers.compare_backends(implementation, config, q, k, v, s, d_out, d_lse, block_mask=tb)
+
+
 def test_rows_without_selection_are_zero_with_finite_gradients():
   (q, k, v, _, d_out, d_lse), kwargs = _case("empty_rows_top0", keep_diag=False)
   for impl in ("reference", "xla"):

@@ -36,7 +36,7 @@ from attn_jax.mechanisms import sparse_common
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _check(q, k, v, chunk_ids, num_chunks, budget, block_size, fn):
+def _check(q, k, v, chunk_ids, num_chunks, budget, block_q, fn):
   dense.check_qkv(q, k, v, fn)
   b, t = q.shape[:2]
   if k.shape[1] != t:
@@ -46,14 +46,14 @@ def _check(q, k, v, chunk_ids, num_chunks, budget, block_size, fn):
                      f"{chunk_ids.dtype}{tuple(chunk_ids.shape)}")
   num_chunks = sparse_common.check_int(fn, "num_chunks", num_chunks, 1, t, " (static maximum number of chunks)")
   budget = sparse_common.check_int(fn, "budget", budget, 1, t, " (keys kept per query, at most the length)")
-  block_size = sparse_common.check_int(fn, "block_size", block_size, 1)
+  block_q = sparse_common.check_int(fn, "block_q", block_q, 1)
   if not isinstance(chunk_ids, jax.core.Tracer):
     ids = np.asarray(chunk_ids)
     if (ids[:, 0] != 0).any() or (np.diff(ids, axis=1) < 0).any() or (np.diff(ids, axis=1) > 1).any() \
         or ids.max() >= num_chunks:
       raise ValueError(f"{fn}: chunk_ids must start at 0 and grow by 0 or 1 per token, below num_chunks="
                        f"{num_chunks}; got ids from {ids.min()} to {ids.max()}")
-  return num_chunks, budget, block_size
+  return num_chunks, budget, block_q
 
 
 def chunk_similarity(q, k, chunk_ids, *, num_chunks: int):
@@ -99,24 +99,24 @@ def _rank(before, own_first, len_cq, len_i, q_pos, k_pos, k_end, same_chunk):
   return b + (last - k_pos)
 
 
-def _needed_blocks(tabs, chunk_ids, budget, block, num_chunks):
+def _needed_blocks(tabs, chunk_ids, budget, block_q, block_kv, num_chunks):
   """``[B, Hq, nq, nk]`` bool: key blocks holding a kept key of some query of the query block."""
   lens, starts, before, own_first = tabs
   bsz, h = before.shape[:2]
   t = chunk_ids.shape[1]
-  nq = -(-t // block)
-  nk = nq
-  pad = nq * block - t
-  ids = jnp.pad(chunk_ids, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, nq, block)
+  nq, nk = -(-t // block_q), -(-t // block_kv)
+  pad = nq * block_q - t
+  ids = jnp.pad(chunk_ids, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, nq, block_q)
   c = jnp.arange(num_chunks)
 
   def one_block(args):
     i_blk, cq = args                                                                          # cq [B, bq]
-    qpos = i_blk * block + jnp.arange(block)
+    qpos = i_blk * block_q + jnp.arange(block_q)
     live = cq >= 0
     cq0 = jnp.maximum(cq, 0)
-    bf = jnp.take_along_axis(before, jnp.broadcast_to(cq0[:, None, :, None], (bsz, h, block, num_chunks)), axis=2)
-    of = jnp.take_along_axis(own_first, jnp.broadcast_to(cq0[:, None, :, None], (bsz, h, block, num_chunks)), axis=2)
+    rows = (bsz, h, block_q, num_chunks)
+    bf = jnp.take_along_axis(before, jnp.broadcast_to(cq0[:, None, :, None], rows), axis=2)
+    of = jnp.take_along_axis(own_first, jnp.broadcast_to(cq0[:, None, :, None], rows), axis=2)
     len_cq = jnp.take_along_axis(lens, cq0, axis=1)[:, None, :, None]                       # [B, 1, bq, 1]
     len_i = (qpos[None, :] - jnp.take_along_axis(starts, cq0, axis=1) + 1)[:, None, :, None]
     same = c[None, None, None, :] == cq0[:, None, :, None]
@@ -125,8 +125,8 @@ def _needed_blocks(tabs, chunk_ids, budget, block, num_chunks):
     keep = jnp.clip(budget - b_i, 0, avail)
     end = jnp.where(same, qpos[None, None, :, None] + 1, (starts + lens)[:, None, None, :])
     ok = live[:, None, :, None] & (c[None, None, None, :] <= cq0[:, None, :, None]) & (keep > 0)
-    first_blk = jnp.where(ok, (end - keep) // block, nk)
-    last_blk = jnp.where(ok, (end - 1) // block + 1, nk)
+    first_blk = jnp.where(ok, (end - keep) // block_kv, nk)
+    last_blk = jnp.where(ok, (end - 1) // block_kv + 1, nk)
     marks = jnp.zeros((bsz, h, nk + 1), jnp.int32)
     bi = jnp.arange(bsz)[:, None, None, None]
     hi = jnp.arange(h)[None, :, None, None]
@@ -137,7 +137,7 @@ def _needed_blocks(tabs, chunk_ids, budget, block, num_chunks):
   return needed.transpose(1, 2, 0, 3)
 
 
-def dhsa_attention(q, k, v, chunk_ids, *, num_chunks: int, budget: int, block_size: int = 64,
+def dhsa_attention(q, k, v, chunk_ids, *, num_chunks: int, budget: int, block_q: int = 32, block_kv: int = 64,
                    max_blocks: int | None = None, scale=None):
   """DHSA: per-query budget of the keys with the highest upsampled chunk similarity.
 
@@ -146,24 +146,30 @@ def dhsa_attention(q, k, v, chunk_ids, *, num_chunks: int, budget: int, block_si
     chunk_ids: ``[B, T]`` int chunk of every token, nondecreasing from 0 by steps of 0 or 1.
     num_chunks: static upper bound on the number of chunks, in ``[1, T]``.
     budget: keys kept per query, in ``[1, T]``; ``budget = T`` keeps every causal key (dense).
-    block_size: tile size of the block-skipping computation.
+    block_q, block_kv: tiles of the block-skipping computation. Rows of a query block that lie
+      in different chunks rank the key chunks differently and the block visits the union of
+      their choices, so query blocks smaller than the chunks keep the tiles sparse; key blocks
+      near the chunk length waste little on partially kept chunks.
     max_blocks: static number of key blocks per query block of the fast branch (default
-      ``2 * ceil(budget / block_size) + 4``); calls that need more take the full-width branch.
+      ``6 * ceil(budget / block_kv) + 8``: with chunks near the key block size, query blocks
+      need 2 to 5 times the budget's blocks, the union of their chunks' choices); calls that
+      need more take the full-width branch.
     scale: logit scale (default ``D ** -0.5``).
 
   Returns:
     ``[B, T, Hq, Dv]`` in the dtype of ``q``. Gradients flow to q, k, v through the attention.
   """
-  num_chunks, budget, block_size = _check(q, k, v, chunk_ids, num_chunks, budget, block_size, "dhsa_attention")
+  num_chunks, budget, block_q = _check(q, k, v, chunk_ids, num_chunks, budget, block_q, "dhsa_attention")
+  block_kv = sparse_common.check_int("dhsa_attention", "block_kv", block_kv, 1)
   t, hq = q.shape[1], q.shape[2]
-  nk = -(-t // block_size)
+  nk = -(-t // block_kv)
   if max_blocks is None:
-    max_blocks = 2 * -(-budget // block_size) + 4
+    max_blocks = 6 * -(-budget // block_kv) + 8
   max_blocks = min(sparse_common.check_int("dhsa_attention", "max_blocks", max_blocks, 1), nk)
   chunk_ids = chunk_ids.astype(jnp.int32)
   tabs = _tables(q, k, chunk_ids, num_chunks)
   lens, starts, before, own_first = tabs
-  needed = _needed_blocks(tabs, chunk_ids, budget, block_size, num_chunks)
+  needed = _needed_blocks(tabs, chunk_ids, budget, block_q, block_kv, num_chunks)
   overflow = jnp.any(needed.sum(-1) > max_blocks)
   scores = jnp.where(needed, 0.0, -jnp.inf)
   # Per-query and per-key data the tiles need: chunk, its length and the query's own-chunk prefix.
@@ -191,8 +197,8 @@ def dhsa_attention(q, k, v, chunk_ids, *, num_chunks: int, budget: int, block_si
     return logits, rank < budget
 
   def run(width):
-    tb = traced_lib.from_scores(scores, min(width, nk), q_len=t, kv_len=t, block_q=block_size, block_kv=block_size,
-                                mask=masks_lib.causal(), keep=block_topk.SameBlock(block_size))
+    tb = traced_lib.from_scores(scores, min(width, nk), q_len=t, kv_len=t, block_q=block_q, block_kv=block_kv,
+                                mask=masks_lib.causal(), keep=block_topk.SameBlock(block_kv))
     return sparse_common.block_sparse_attention(q, k, v, tb, scale=scale, transform=transform, query_aux=qaux,
                                                 key_aux=kaux)
 
@@ -203,11 +209,9 @@ def dhsa_attention(q, k, v, chunk_ids, *, num_chunks: int, budget: int, block_si
   return out.astype(q.dtype)
 
 
-def dhsa_attention_reference(q, k, v, chunk_ids, *, num_chunks: int, budget: int, block_size: int = 64,
-                             max_blocks: int | None = None, scale=None):
+def dhsa_attention_reference(q, k, v, chunk_ids, *, num_chunks: int, budget: int, scale=None):
   """The oracle: upsampled scores ``S[c(i), c(j)]``, every causal key ranked by (score, position)."""
-  del max_blocks
-  num_chunks, budget, _ = _check(q, k, v, chunk_ids, num_chunks, budget, block_size, "dhsa_attention_reference")
+  num_chunks, budget, _ = _check(q, k, v, chunk_ids, num_chunks, budget, 1, "dhsa_attention_reference")
   t = q.shape[1]
   s = jax.lax.stop_gradient(chunk_similarity(q, k, chunk_ids, num_chunks=num_chunks))     # [B, H, Nc, Nc]
   up = jax.vmap(lambda sb, ids: sb[:, ids][:, :, ids])(s, chunk_ids)                       # [B, H, T, T]

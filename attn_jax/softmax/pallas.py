@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from attn_jax import block_mask as block_mask_lib
+from attn_jax import block_mask_traced
 from attn_jax import dispatch
 from attn_jax import sharding as sharding_lib
 from attn_jax.softmax import common
@@ -335,11 +336,8 @@ def _sharded(st: _Static, sharding: NamedSharding, q, k, v, sinks, q_seg, kv_seg
 def _traced_blocks(config: PallasGpuConfig, spec: common.Spec, block_mask):
   """Tile sizes for a traced BlockMask: its own blocks, which Triton needs as powers of two >= 16."""
   lay = block_mask.layout
+  block_mask_traced.check_tile_config("PallasGpuConfig", config, lay)
   for name, want in (("block_q", lay.block_q), ("block_kv", lay.block_kv)):
-    got = getattr(config, name)
-    if got is not None and got != want:
-      raise ValueError(f"PallasGpuConfig.{name}={got} differs from the traced block_mask's {name}={want}: "
-                       f"with block_mask= the tiles are the mask's blocks (leave {name} None)")
     if want < 16 or want & (want - 1):
       raise NotImplementedError(f"traced block_mask {name}={want} (Triton tiles are powers of two >= 16)")
   if lay.static_block_mask.num_partial and not spec.mask.in_kernel:

@@ -93,13 +93,7 @@ def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spe
   return _flash(static, q, k, v, sinks, q_segment_ids, kv_segment_ids)
 
 
-def _pad_axis(x, axis, size, value=0):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
+_pad_axis = common.pad_axis
 
 
 def _queries_internal(x, st: _Static):
@@ -180,11 +174,7 @@ def _tile_visibility(st: _Static, bm, kind, i, j, q_seg_tile, kv_seg_tile, phase
 def _scores(qb, kb, st: _Static):
   """Scaled (and soft-capped) logits ``[B, Hkv, G, bq, bk]`` in float32, plus tanh for the VJP."""
   raw = jnp.einsum("bhgqd,bhkd->bhgqk", qb, kb, preferred_element_type=jnp.float32) * st.spec.scale
-  cap = st.spec.logits_soft_cap
-  if cap is None:
-    return raw, None
-  th = jnp.tanh(raw / cap)
-  return cap * th, th
+  return common.soft_cap_with_tanh(raw, st.spec.logits_soft_cap)
 
 
 def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg):

@@ -55,23 +55,13 @@ class _Static:
 def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, block_mask, config):
   """Same contract as :func:`attn_jax.softmax.reference.attention`, with a traced BlockMask."""
   lay = block_mask.layout
-  for name, want in (("block_q", lay.block_q), ("block_kv", lay.block_kv)):
-    got = getattr(config, name)
-    if got is not None and got != want:
-      raise ValueError(f"XlaConfig.{name}={got} differs from the traced block_mask's {name}={want}: "
-                       f"with block_mask= the tiles are the mask's blocks (leave {name} None)")
+  traced_lib.check_tile_config("XlaConfig", config, lay)
   st = _Static(spec, lay, block_mask.num_batch, block_mask.num_heads, config.record_visits)
   lists = (block_mask.kv_indices, block_mask.kv_kinds, block_mask.kv_counts)
   return _sparse(st, q, k, v, sinks, q_segment_ids, kv_segment_ids, lists)
 
 
-def _pad(x, axis, size, value=0):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
+_pad = common.pad_axis
 
 
 def _internal_queries(x, st: _Static):
@@ -173,11 +163,7 @@ def _visibility(st: _Static, i, idx, counts, q_seg_tile, kv_seg):
 
 def _scores(qb, kb, st: _Static):
   raw = jnp.einsum("bhmgqd,bhmkd->bhmgqk", qb, kb, preferred_element_type=jnp.float32) * st.spec.scale
-  cap = st.spec.logits_soft_cap
-  if cap is None:
-    return raw, None
-  th = jnp.tanh(raw / cap)
-  return cap * th, th
+  return common.soft_cap_with_tanh(raw, st.spec.logits_soft_cap)
 
 
 def _inputs(st: _Static, q, k, v, q_seg, kv_seg):

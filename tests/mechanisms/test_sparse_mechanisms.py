@@ -69,8 +69,8 @@ def _cases():
       "core_context": (lambda q, k, v: mech.core_context_attention(q, k, v, group_size=4, window=8,
                                                                    config=attn_jax.XlaConfig(block_q=8, block_kv=8)),
                        lambda q, k, v: mech.core_context_attention_reference(q, k, v, group_size=4, window=8)),
-      "dhsa": (lambda q, k, v: mech.dhsa_attention(q, k, v, ids, num_chunks=16, budget=12, block_size=8),
-               lambda q, k, v: mech.dhsa_attention_reference(q, k, v, ids, num_chunks=16, budget=12, block_size=8)),
+      "dhsa": (lambda q, k, v: mech.dhsa_attention(q, k, v, ids, num_chunks=16, budget=12, block_q=4, block_kv=8),
+               lambda q, k, v: mech.dhsa_attention_reference(q, k, v, ids, num_chunks=16, budget=12)),
       "superlinear": (lambda q, k, v: mech.superlinear_attention(q, k, v, span_size=7, top_k=2),
                       lambda q, k, v: mech.superlinear_attention_reference(q, k, v, span_size=7, top_k=2)),
   }
@@ -125,8 +125,8 @@ def _full_budget_cases():
       "dynamic_mask": (lambda q, k, v: mech.dynamic_mask_attention(q, k, v, jnp.zeros((B, T, HKV)), window=T,
                                                                    block_size=8), causal),
       "core_context": (lambda q, k, v: mech.core_context_attention(q, k, v, group_size=4, window=48), causal),
-      "dhsa": (lambda q, k, v: mech.dhsa_attention(q, k, v, _chunk_ids(seed=3), num_chunks=16, budget=T, block_size=8),
-               causal),
+      "dhsa": (lambda q, k, v: mech.dhsa_attention(q, k, v, _chunk_ids(seed=3), num_chunks=16, budget=T, block_q=8,
+                                                   block_kv=8), causal),
       "superlinear": (lambda q, k, v: mech.superlinear_attention(q, k, v, span_size=T, top_k=1), causal),
       # Landmark's "dense" is its training-time grouped softmax over every earlier block.
       "landmark": (lambda q, k, v: mech.landmark_attention(q, k, v, lk, block_size=8, top_k=5),
@@ -194,12 +194,12 @@ def test_dhsa_is_exact_whether_its_blocks_fit_the_static_width_or_not():
   from attn_jax.mechanisms import dhsa as dhsa_lib
   q, k, v = _qkv(16)
   ids = _chunk_ids(seed=4)
-  needed = np.asarray(dhsa_lib._needed_blocks(dhsa_lib._tables(q, k, ids, 16), ids, 10, 8, 16))
+  needed = np.asarray(dhsa_lib._needed_blocks(dhsa_lib._tables(q, k, ids, 16), ids, 10, 4, 8, 16))
   widest = int(needed.sum(-1).max())
   assert 1 < widest < needed.shape[-1], "the case must need some but not all blocks"
-  want = mech.dhsa_attention_reference(q, k, v, ids, num_chunks=16, budget=10, block_size=8)
+  want = mech.dhsa_attention_reference(q, k, v, ids, num_chunks=16, budget=10)
   for max_blocks in (widest, widest - 1):
-    got = jax.jit(lambda q, k, v: mech.dhsa_attention(q, k, v, ids, num_chunks=16, budget=10, block_size=8,
+    got = jax.jit(lambda q, k, v: mech.dhsa_attention(q, k, v, ids, num_chunks=16, budget=10, block_q=4, block_kv=8,
                                                       max_blocks=max_blocks))(q, k, v)
     tolerances.assert_close(got, want, jnp.float32, f"max_blocks={max_blocks}")
 
