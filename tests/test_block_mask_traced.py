@@ -97,7 +97,8 @@ def test_changing_the_data_does_not_recompile():
     outs.append(f(q, k, v, scores))
     g(q, k, v, traced.from_scores(scores, 2, q_len=40, kv_len=40, block_q=8, block_kv=8, mask=masks.causal()))
   assert traces == {"f": 1, "g": 1}
-  assert f._cache_size() == 1 and g._cache_size() == 1
+  if hasattr(f, "_cache_size"):  # jax's private count of compiled executables, where it exists
+    assert f._cache_size() == 1 and g._cache_size() == 1
   assert not np.allclose(outs[0], outs[1]), "different selections must give different outputs"
 
 

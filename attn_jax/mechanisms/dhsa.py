@@ -47,8 +47,11 @@ def _check(q, k, v, chunk_ids, num_chunks, budget, block_q, fn):
   num_chunks = sparse_common.check_int(fn, "num_chunks", num_chunks, 1, t, " (static maximum number of chunks)")
   budget = sparse_common.check_int(fn, "budget", budget, 1, t, " (keys kept per query, at most the length)")
   block_q = sparse_common.check_int(fn, "block_q", block_q, 1)
-  if not isinstance(chunk_ids, jax.core.Tracer):
+  try:
     ids = np.asarray(chunk_ids)
+  except jax.errors.TracerArrayConversionError:
+    ids = None  # traced ids cannot be inspected here: the contract above is the caller's
+  if ids is not None:
     if (ids[:, 0] != 0).any() or (np.diff(ids, axis=1) < 0).any() or (np.diff(ids, axis=1) > 1).any() \
         or ids.max() >= num_chunks:
       raise ValueError(f"{fn}: chunk_ids must start at 0 and grow by 0 or 1 per token, below num_chunks="
