@@ -273,6 +273,8 @@ def make_block_mask(mask: masks_lib.Mask | None, q_len: int, kv_len: int, block_
 def _make_block_mask_cached(mask, q_len, kv_len, block_q, block_kv, num_heads) -> BlockMask:
   ctx = masks_lib.MaskContext(q_len, kv_len)
   mask.validate(ctx)
+  if isinstance(mask, masks_lib.ArrayMask):
+    return _from_dense_array(mask, q_len, kv_len, block_q, block_kv, num_heads)
   nq, nk = _cdiv(q_len, block_q), _cdiv(kv_len, block_kv)
   q_lo = (np.arange(nq) * block_q)[:, None]
   q_hi = np.minimum(q_lo + block_q, q_len) - 1
@@ -311,4 +313,26 @@ def _make_block_mask_cached(mask, q_len, kv_len, block_q, block_kv, num_heads) -
     all_ = (values | ~q_valid).all((-1, -2)) & k_valid.all((-1, -2))     # [Hm, P]
     kind = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY))
     kinds[:, pairs[:, 0], pairs[:, 1]] = kind
+  return _from_kinds(mask, q_len, kv_len, block_q, block_kv, kinds)
+
+
+def _from_dense_array(mask: masks_lib.ArrayMask, q_len: int, kv_len: int, block_q: int, block_kv: int,
+                      num_heads: int | None) -> BlockMask:
+  """The BlockMask of a :func:`attn_jax.masks.from_array` mask, by block-reduced any / all.
+
+  The array is padded to whole tiles and viewed as ``[Hm, nq, block_q, nk, block_kv]``; a tile is
+  non-empty if any valid entry is visible and FULL if all are and it has no padded column. Padded
+  query rows count as visible for "all" and invisible for "any" (they are don't-care rows).
+  """
+  array = mask.array if mask.array.ndim == 3 else mask.array[None]
+  if num_heads is not None:
+    masks_lib.check_heads(mask, num_heads)
+  hm = array.shape[0]
+  nq, nk = _cdiv(q_len, block_q), _cdiv(kv_len, block_kv)
+  visible = np.zeros((hm, nq * block_q, nk * block_kv), bool)
+  visible[:, :q_len, :kv_len] = array
+  any_ = visible.reshape(hm, nq, block_q, nk, block_kv).any(axis=(2, 4))
+  visible[:, q_len:, :kv_len] = True
+  all_ = visible.reshape(hm, nq, block_q, nk, block_kv).all(axis=(2, 4))
+  kinds = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY)).astype(np.int32)
   return _from_kinds(mask, q_len, kv_len, block_q, block_kv, kinds)

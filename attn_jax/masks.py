@@ -45,6 +45,7 @@ __all__ = [
     "prefix_lm",
     "block_layout",
     "from_fn",
+    "from_array",
 ]
 
 
@@ -294,17 +295,33 @@ class SlidingWindow(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class SinkTokens(Mask):
+  """The first ``n`` keys; with ``causal`` only those at or before the query's position."""
+
   n: int
+  causal: bool = True
+  offset: int | None = None
+
+  def _offset(self, ctx):
+    return ctx.default_offset if self.offset is None else self.offset
 
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
-    return (kv_idx < self.n) & _true_like(q_idx, kv_idx)
+    visible = (kv_idx < self.n) & _true_like(q_idx, kv_idx)
+    if self.causal:
+      visible = visible & (kv_idx <= q_idx + self._offset(ctx))
+    return visible
 
   def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
     shape = np.broadcast_shapes(np.shape(q_lo), np.shape(k_lo))
-    return np.broadcast_to(k_lo < self.n, shape), np.broadcast_to(k_hi < self.n, shape)
+    may, must = k_lo < self.n, k_hi < self.n
+    if self.causal:
+      o = self._offset(ctx)
+      may, must = may & (k_lo <= q_hi + o), must & (k_hi <= q_lo + o)
+    return np.broadcast_to(may, shape), np.broadcast_to(must, shape)
 
   def __repr__(self):
-    return f"sink_tokens({self.n})"
+    if not self.causal:
+      return f"sink_tokens({self.n}, causal=False)"
+    return f"sink_tokens({self.n})" if self.offset is None else f"sink_tokens({self.n}, offset={self.offset})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,7 +357,8 @@ class PrefixLM(Mask):
   offset: int | None = None
 
   def _parts(self):
-    return SinkTokens(self.prefix_len) | Causal(self.offset)
+    # The prefix is bidirectional: its queries see all of it, later keys of the prefix included.
+    return SinkTokens(self.prefix_len, causal=False) | Causal(self.offset)
 
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
     return self._parts().evaluate(q_idx, kv_idx, head, ctx, xp)
@@ -424,11 +442,131 @@ class FromFn(Mask):
     return self.with_head
 
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
-    out = self.fn(q_idx, kv_idx, head) if self.with_head else self.fn(q_idx, kv_idx)
+    try:
+      out = self.fn(q_idx, kv_idx, head) if self.with_head else self.fn(q_idx, kv_idx)
+    except Exception as e:
+      if not _is_tracer_error(e):
+        raise
+      name = self.name or getattr(self.fn, "__name__", "fn")
+      raise ValueError(
+          f"the from_fn mask function {name!r} failed on JAX arrays ({type(e).__name__}). Backends "
+          f"evaluate masks inside jit with traced JAX index arrays, so the function must not index a "
+          f"NumPy array or convert its arguments to NumPy or Python values. For a dense boolean mask "
+          f"use masks.from_array(mask_array); for a lookup table, capture jnp.asarray(table) and "
+          f"use jnp functions or operators.") from e
     return out & _true_like(q_idx, kv_idx)
 
   def __repr__(self):
     return f"from_fn({self.name or getattr(self.fn, '__name__', 'fn')})"
+
+
+def _is_tracer_error(e: Exception) -> bool:
+  """True for JAX's errors about converting a tracer to a NumPy array or a Python value."""
+  import sys
+  if "jax" not in sys.modules:  # No tracer can exist before jax is imported.
+    return False
+  import jax
+  return isinstance(e, (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+                        jax.errors.TracerIntegerConversionError))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArrayMask(Mask):
+  """A dense boolean mask ``[q_len, kv_len]``, or ``[num_heads, q_len, kv_len]`` per query head."""
+
+  array: np.ndarray
+
+  in_kernel = False
+
+  def __post_init__(self):
+    array = self.array
+    if not isinstance(array, np.ndarray):
+      if hasattr(array, "shape") and hasattr(array, "dtype") and _is_tracer_like(array):
+        raise ValueError("from_array needs a concrete array (its BlockMask is built on the host); got a "
+                         "traced JAX array. Build the mask outside jit, or use segment ids for "
+                         "data-dependent document masks.")
+      array = np.asarray(array)
+    if array.ndim not in (2, 3):
+      raise ValueError(f"array must be a boolean [q_len, kv_len] or [num_heads, q_len, kv_len] array, got "
+                       f"shape {array.shape}")
+    if array.dtype != bool:
+      if not np.isin(array, (0, 1)).all():
+        raise ValueError(f"array must be boolean (or 0/1), got dtype {array.dtype} with other values")
+      array = array.astype(bool)
+    if min(array.shape) < 1:
+      raise ValueError(f"array must not be empty, got shape {array.shape}")
+    if array.ndim == 3 and array.shape[0] == 1:
+      array = array[0]
+    array = np.array(array, copy=True)
+    array.setflags(write=False)
+    object.__setattr__(self, "array", array)
+    # Jit caches hash their static arguments on every call: hash the bytes once.
+    object.__setattr__(self, "_hash", hash((array.shape, array.tobytes())))
+
+  @property
+  def depends_on_head(self):
+    return self.array.ndim == 3
+
+  @property
+  def num_heads(self) -> int | None:
+    """Number of query heads of a per-head array, None for a head-independent one."""
+    return self.array.shape[0] if self.array.ndim == 3 else None
+
+  def __eq__(self, other):
+    if self is other:
+      return True
+    return (isinstance(other, ArrayMask) and self._hash == other._hash
+            and self.array.shape == other.array.shape and bool((self.array == other.array).all()))
+
+  def __hash__(self):
+    return self._hash
+
+  def validate(self, ctx):
+    if self.array.shape[-2:] != (ctx.q_len, ctx.kv_len):
+      raise ValueError(f"from_array mask of shape {self.array.shape} does not match q_len={ctx.q_len}, "
+                       f"kv_len={ctx.kv_len}: expected [..., {ctx.q_len}, {ctx.kv_len}]")
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    table = self.array if xp is np else xp.asarray(self.array)
+    q_len, kv_len = self.array.shape[-2:]
+    # Backends evaluate padded tiles (rows past q_len, columns past kv_len) and discard those
+    # positions afterwards; clipping keeps the lookup in range.
+    q_idx = xp.minimum(q_idx, q_len - 1)
+    kv_idx = xp.minimum(kv_idx, kv_len - 1)
+    if self.array.ndim == 2:
+      return table[q_idx, kv_idx]
+    if head is None:
+      raise ValueError(f"the per-head from_array mask of shape {self.array.shape} needs head indices")
+    return table[xp.minimum(head, self.array.shape[0] - 1), q_idx, kv_idx]
+
+  def __repr__(self):
+    return f"from_array(<{'x'.join(map(str, self.array.shape))}>)"
+
+
+def _is_tracer_like(x) -> bool:
+  import sys
+  if "jax" not in sys.modules:
+    return False
+  import jax
+  return isinstance(x, getattr(jax.core, "Tracer", ()))
+
+
+def submasks(mask: Mask):
+  """``mask`` and every mask it is built from (depth first)."""
+  yield mask
+  if dataclasses.is_dataclass(mask):
+    for field in dataclasses.fields(mask):
+      value = getattr(mask, field.name)
+      if isinstance(value, Mask):
+        yield from submasks(value)
+
+
+def check_heads(mask: Mask, num_heads: int) -> None:
+  """ValueError if a per-head :func:`from_array` inside ``mask`` has another number of heads."""
+  for sub in submasks(mask):
+    if isinstance(sub, ArrayMask) and sub.num_heads not in (None, num_heads):
+      raise ValueError(f"from_array mask has {sub.num_heads} heads but the call has {num_heads} query "
+                       f"heads: expected an array of shape [{num_heads}, q_len, kv_len] or [q_len, kv_len]")
 
 
 def full() -> Mask:
@@ -456,12 +594,25 @@ def sliding_window(left: int, right: int = 0, offset: int | None = None) -> Mask
   return SlidingWindow(_check_int(left, "left", 0), _check_int(right, "right", 0), _check_offset(offset))
 
 
-def sink_tokens(n: int) -> Mask:
-  """The first ``n`` keys are visible to every query (StreamingLLM's attention sinks).
+def sink_tokens(n: int, *, causal: bool = True, offset: int | None = None) -> Mask:
+  """The first ``n`` keys (StreamingLLM's attention sinks), visible to every query that may see them.
 
-  Combine with a window: ``sliding_window(1023) | sink_tokens(4)``.
+  By default the sinks respect causality: query ``i`` sees key ``j`` iff ``j < n`` and
+  ``j <= i + offset`` (``offset`` aligned as in :func:`causal`), so that
+  ``sliding_window(1023) | sink_tokens(4)`` never shows the first queries a later token.
+  ``causal=False`` makes the first ``n`` keys visible to every query (for non-causal masks, e.g.
+  a bidirectional window with global tokens).
+
+  Args:
+    n: number of sink tokens (``>= 0``).
+    causal: keep only sinks at or before the query's position (default True).
+    offset: diagonal shift of the causal condition; ``None`` means ``kv_len - q_len``.
   """
-  return SinkTokens(_check_int(n, "n", 0))
+  if not isinstance(causal, (bool, np.bool_)):
+    raise ValueError(f"causal must be a bool, got {causal!r}")
+  if not causal and offset is not None:
+    raise ValueError(f"offset applies to causal sink tokens only, got offset={offset!r} with causal=False")
+  return SinkTokens(_check_int(n, "n", 0), bool(causal), _check_offset(offset))
 
 
 def chunked_causal(chunk: int, offset: int | None = None) -> Mask:
@@ -1025,6 +1176,28 @@ def lookahead(size, left: int | None = None, offset: int | None = None) -> Mask:
     size = _check_int(size, "size", 0)
   left = None if left is None else _check_int(left, "left", 0)
   return Lookahead(size, left, _check_offset(offset))
+def from_array(array) -> Mask:
+  """A dense boolean mask: query ``i`` sees key ``j`` iff ``array[i, j]`` (or ``array[h, i, j]``).
+
+  For patterns that have no formula (a mask loaded from disk, a random sparsity pattern). The
+  array must match the call's lengths exactly. Its BlockMask is built from the array by
+  reducing each tile with any / all (vectorised, no element-wise Python); the xla backend looks
+  the array up on partial tiles and the Pallas kernels read precomputed partial tiles, as for
+  :func:`block_layout`. Memory is ``O(q_len * kv_len)`` on the host and, as a constant, in each
+  compiled program: for long sequences prefer a predicate (:func:`from_fn`) or a block layout.
+  The mask hashes by content (once, at construction), so equal arrays share compilations.
+
+  Args:
+    array: boolean (or 0/1) array ``[q_len, kv_len]``, or ``[num_heads, q_len, kv_len]`` with one
+      slice per query head (``num_heads`` must equal the call's query heads). NumPy or a concrete
+      JAX array; it is copied to the host.
+
+  Example::
+
+    dense = np.tril(np.ones((T, T), bool)) & (np.random.rand(T, T) < 0.5)
+    out = attn_jax.attention(q, k, v, mask=masks.from_array(dense))
+  """
+  return ArrayMask(array)
 
 
 # PowerAttention (issue 14): block distances that are powers of two, with a local window and sinks.

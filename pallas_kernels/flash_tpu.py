@@ -62,7 +62,9 @@ def _visibility(mask: fc.MaskSpec, masked: bool, tile_ref, q_start, kv_start, sh
   vis = None
   if masked:
     if mask.use_tiles:
-      vis = tile_ref[...] != 0
+      # Widened before the comparison: TPU v4 has no int8 vector compare (Mosaic cannot
+      # legalize arith.cmpi on i8 vectors there); v5e and later accept both.
+      vis = tile_ref[...].astype(jnp.int32) != 0
     else:
       q_axis, kv_axis = (1, 0) if transposed else (0, 1)
       q_idx = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)

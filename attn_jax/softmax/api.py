@@ -7,10 +7,13 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from attn_jax import block_mask_traced
 from attn_jax import dispatch
 from attn_jax import masks as masks_lib
+from attn_jax.context_parallel import config as cp_config
+from attn_jax.context_parallel import softmax as cp_softmax
 from attn_jax.softmax import common
 from attn_jax.softmax import cudnn
 from attn_jax.softmax import pallas
@@ -58,9 +61,15 @@ def _check_static_number(name, value, positive=False):
   return value
 
 
-def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=None,
-              q_segment_ids=None, kv_segment_ids=None, implementation=None, return_lse=False,
-              config=None, block_mask=None):
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask | None = None,
+              scale: float | None = None, sinks: ArrayLike | None = None,
+              logits_soft_cap: float | None = None, q_segment_ids: ArrayLike | None = None,
+              kv_segment_ids: ArrayLike | None = None, implementation: str | None = None,
+              return_lse: bool = False,
+              config: xla.XlaConfig | pallas.PallasTpuConfig | pallas.PallasGpuConfig | None = None,
+              context_parallel: cp_config.ContextParallel | None = None,
+              block_mask: block_mask_traced.TracedBlockMask | None = None,
+              ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Softmax attention ``softmax(scale * q k^T + mask) v`` in the ``[batch, seq, heads, dim]`` layout.
 
   Covers the four CAB patterns: non-causal self (``mask=None``), causal self
@@ -88,6 +97,11 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
     return_lse: also return the log-sum-exp of each row.
     config: backend tunables (e.g. :class:`attn_jax.XlaConfig`); with ``implementation=None`` it
       selects its own backend.
+    context_parallel: an :class:`attn_jax.ContextParallel`: q, k, v (and segment ids) are split
+      along the sequence over its mesh axis and each device attends its queries to every key
+      shard by ring or all-gather (see :mod:`attn_jax.context_parallel.softmax`); each device
+      runs the chosen backend on its local tiles. ``q_len`` and ``kv_len`` must be divisible by
+      the axis size (times 2 with zig-zag load balancing). None: no sequence sharding.
     block_mask: a :class:`attn_jax.TracedBlockMask` built inside ``jit`` from data (see
       :mod:`attn_jax.block_mask_traced`): query ``i`` sees key ``j`` only if its query block
       selected ``j``'s key block, in addition to the mask (which is the block mask's static
@@ -134,6 +148,7 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
   elif not isinstance(mask, masks_lib.Mask):
     raise ValueError(f"mask must be an attn_jax.masks.Mask or None, got {type(mask).__name__}")
   mask.validate(masks_lib.MaskContext(tq, tk))
+  masks_lib.check_heads(mask, hq)
 
   scale = 1.0 / math.sqrt(d) if scale is None else _check_static_number("scale", scale)
   if logits_soft_cap is not None:
@@ -166,7 +181,18 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
       num_q_heads=hq, num_kv_heads=hkv, head_dim=d, v_head_dim=v.shape[3],
       has_sinks=sinks is not None, has_segments=q_segment_ids is not None, return_lse=bool(return_lse),
       traced_layout=None if block_mask is None else block_mask.layout)
-  out, lse = dispatch.dispatch(FAMILY, implementation, q, k, v, sinks, q_segment_ids,
-                               kv_segment_ids, spec=spec, config=config, block_mask=block_mask)
+  if context_parallel is not None:
+    if not isinstance(context_parallel, cp_config.ContextParallel):
+      raise ValueError(f"context_parallel must be an attn_jax.ContextParallel or None, got "
+                       f"{type(context_parallel).__name__}")
+    if block_mask is not None:
+      raise NotImplementedError("a traced block_mask with context_parallel (its lists are not sharded along "
+                                "the sequence yet)")
+    out, lse = cp_softmax.attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, spec=spec,
+                                    cp=context_parallel, implementation=implementation, config=config)
+  else:
+    # The traced BlockMask travels with the arrays (dispatch's keyword arguments are static).
+    out, lse = dispatch.dispatch(FAMILY, implementation, q, k, v, sinks, q_segment_ids,
+                                 kv_segment_ids, block_mask, spec=spec, config=config)
   return (out, lse) if return_lse else out
 

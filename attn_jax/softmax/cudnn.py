@@ -309,8 +309,8 @@ def _check_sequence_unsharded() -> None:
                               f"(jax's cuDNN partitioning takes batch and head sharding only)")
 
 
-def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec,
-              config: CudnnConfig | None = None, block_mask=None):
+def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, block_mask=None, *, spec: common.Spec,
+              config: CudnnConfig | None = None):
   """The ``cudnn`` backend of :func:`attn_jax.attention` (see the module docstring).
 
   Returns ``(out [B, Tq, Hq, D], None)``: the log-sum-exp is refused in :func:`plan`.

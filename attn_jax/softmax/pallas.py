@@ -72,14 +72,42 @@ class PallasTpuConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PallasGpuLaunch:
+  """Block sizes and Triton launch parameters of one GPU kernel (forward, dQ or dK/dV).
+
+  Every field left None falls back to :class:`PallasGpuConfig`'s field of the same name, then to
+  that kernel's heuristic default.
+  """
+
+  block_q: int | None = None
+  block_kv: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  def __post_init__(self):
+    _check_gpu_launch("PallasGpuLaunch", self)
+
+
+def _check_gpu_launch(owner, launch):
+  for name in ("block_q", "block_kv"):
+    dispatch.check_config_int(owner, name, getattr(launch, name), "a power of two >= 16",
+                              lambda b: b >= 16 and b & (b - 1) == 0)
+  for name in ("num_warps", "num_stages"):
+    dispatch.check_config_int(owner, name, getattr(launch, name), "a positive int", lambda b: b > 0)
+
+
+@dataclasses.dataclass(frozen=True)
 class PallasGpuConfig:
   """Tunables of the GPU (Triton-dialect Pallas) kernels.
 
   Attributes:
-    block_q, block_kv: tile sizes, powers of two >= 16. ``None`` picks 128 x 64 for head dims up
-      to 128 and 64 x 32 above, capped by the (power-of-two-rounded) sequence lengths.
-    num_warps, num_stages: Triton launch parameters (``None``: 4 warps for head dims <= 64,
-      else 8; 2 stages).
+    block_q, block_kv: tile sizes of all three kernels, powers of two >= 16 (``None``: each
+      kernel's default by head dim and dtype, see :func:`gpu_launch_defaults`, capped by the
+      power-of-two-rounded sequence lengths).
+    num_warps, num_stages: Triton launch parameters of all three kernels (``None``: each
+      kernel's default).
+    fwd, dq, dkv: :class:`PallasGpuLaunch` overrides for one kernel (the forward, the dQ and the
+      dK/dV kernel); their None fields fall back to the fields above.
     interpret, sharding, record_visits: as in :class:`PallasTpuConfig`.
   """
 
@@ -87,6 +115,9 @@ class PallasGpuConfig:
   block_kv: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
+  fwd: PallasGpuLaunch | None = None
+  dq: PallasGpuLaunch | None = None
+  dkv: PallasGpuLaunch | None = None
   interpret: bool | None = None
   sharding: NamedSharding | None = None
   record_visits: Callable[..., None] | None = None
@@ -94,11 +125,11 @@ class PallasGpuConfig:
   backend: ClassVar[str] = "pallas_gpu"
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv"):
-      dispatch.check_config_int("PallasGpuConfig", name, getattr(self, name), "a power of two >= 16",
-                                lambda b: b >= 16 and b & (b - 1) == 0)
-    for name in ("num_warps", "num_stages"):
-      dispatch.check_config_int("PallasGpuConfig", name, getattr(self, name), "a positive int", lambda b: b > 0)
+    _check_gpu_launch("PallasGpuConfig", self)
+    for name in _GPU_KERNELS:
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, PallasGpuLaunch):
+        raise ValueError(f"PallasGpuConfig.{name} must be a PallasGpuLaunch or None, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +142,9 @@ class _Static:
   num_warps: int | None
   num_stages: int | None
   record: Callable[..., None] | None
+  # GPU only: (block_q, block_kv, num_warps, num_stages) of the dQ and dK/dV kernels; the fields
+  # above are the forward kernel's.
+  gpu_bwd: tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None = None
 
   @property
   def block_mask(self) -> block_mask_lib.BlockMask:
@@ -128,13 +162,65 @@ def _tpu_blocks(config: PallasTpuConfig, spec: common.Spec, interpret: bool):
   return bq, bk
 
 
-def _gpu_blocks(config: PallasGpuConfig, spec: common.Spec):
-  big = max(spec.head_dim, spec.v_head_dim) > 128
-  bq = config.block_q or min(64 if big else 128, max(16, dispatch.next_pow2(spec.q_len)))
-  bk = config.block_kv or min(32 if big else 64, max(16, dispatch.next_pow2(spec.kv_len)))
-  warps = config.num_warps or (4 if max(spec.head_dim, spec.v_head_dim) <= 64 else 8)
-  stages = config.num_stages or 2
-  return bq, bk, warps, stages
+_GPU_KERNELS = ("fwd", "dq", "dkv")
+
+
+# (block_q, block_kv, num_warps, num_stages) per kernel, by (head dim bucket, bytes per element).
+# The dK/dV kernel holds a key block (block_kv rows) and walks query blocks of block_q rows. Read
+# off ptxas and the A100 shared-memory limit with `python -m attn_jax.compile_check` (worst case:
+# tiles read from the BlockMask, soft-cap, segment ids): every entry up to head dim 128 spills no
+# register on H100 or A100 and fits the A100's 163 KiB of shared memory.
+_GPU_LAUNCH = {
+    # 16-bit inputs (bfloat16, float16)
+    (64, 2): {"fwd": (128, 64, 8, 2), "dq": (128, 64, 8, 2), "dkv": (32, 64, 8, 2)},
+    (128, 2): {"fwd": (128, 32, 8, 2), "dq": (128, 32, 8, 2), "dkv": (32, 32, 8, 2)},
+    (256, 2): {"fwd": (64, 32, 8, 2), "dq": (32, 32, 8, 2), "dkv": (32, 32, 8, 2)},
+    # float32 inputs: operand tiles take twice the registers.
+    (64, 4): {"fwd": (128, 32, 8, 2), "dq": (32, 32, 8, 2), "dkv": (32, 32, 4, 2)},
+    (128, 4): {"fwd": (32, 32, 8, 2), "dq": (32, 32, 8, 2), "dkv": (32, 32, 8, 2)},
+    (256, 4): {"fwd": (32, 32, 8, 2), "dq": (32, 16, 8, 2), "dkv": (16, 32, 8, 2)},
+}
+
+
+def gpu_launch_defaults(kernel: str, head_dim: int, itemsize: int) -> tuple[int, int, int, int]:
+  """Default ``(block_q, block_kv, num_warps, num_stages)`` of a GPU kernel.
+
+  Args:
+    kernel: ``"fwd"``, ``"dq"`` or ``"dkv"``.
+    head_dim: the larger of the (power-of-two padded) QK and V head dims, at most 256.
+    itemsize: bytes per element of q / k / v (2 for bfloat16 / float16, 4 for float32).
+
+  One set of parameters serves A100 and H100 (the same register file; the A100's smaller shared
+  memory bounds the blocks), so the choice needs no device query at trace time.
+  """
+  bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+  return _GPU_LAUNCH[(bucket, 4 if itemsize >= 4 else 2)][kernel]
+
+
+def _gpu_launches(config: PallasGpuConfig, spec: common.Spec, itemsize: int):
+  """``{kernel: (block_q, block_kv, num_warps, num_stages)}`` for the three GPU kernels."""
+  head_dim = max(16, dispatch.next_pow2(max(spec.head_dim, spec.v_head_dim)))
+  q_cap = max(16, dispatch.next_pow2(spec.q_len))
+  kv_cap = max(16, dispatch.next_pow2(spec.kv_len))
+  out = {}
+  for kernel in _GPU_KERNELS:
+    own = getattr(config, kernel) or PallasGpuLaunch()
+    default = gpu_launch_defaults(kernel, head_dim, itemsize)
+    bq, bk, warps, stages = (
+        getattr(own, f) or getattr(config, f) or dflt
+        for f, dflt in zip(("block_q", "block_kv", "num_warps", "num_stages"), default))
+    if not (own.block_q or config.block_q):
+      bq = min(bq, q_cap)
+    if not (own.block_kv or config.block_kv):
+      bk = min(bk, kv_cap)
+    out[kernel] = (bq, bk, warps, stages)
+  return out
+
+
+def _gpu_pass(st: _Static, kernel: str) -> _Static:
+  """The static description of the GPU backward kernel ``kernel`` ("dq" or "dkv")."""
+  bq, bk, warps, stages = st.gpu_bwd[("dq", "dkv").index(kernel)]
+  return dataclasses.replace(st, block_q=bq, block_kv=bk, num_warps=warps, num_stages=stages)
 
 
 def _mask_spec(st: _Static) -> flash_common.MaskSpec:
@@ -198,6 +284,7 @@ def _traced_plan(st: _Static, lists):
 
 
 def _plan(st: _Static, lists, head_offset, local_heads: int):
+  """The kernels' MaskSpec and Schedule: the static BlockMask's, or the traced lists'."""
   if lists is not None:
     return _traced_plan(st, lists)
   mask = _mask_spec(st)
@@ -262,6 +349,20 @@ def _flash_fwd(st, q, k, v, sinks, q_seg, kv_seg, head_offset, lists):
   return (out, lse), (q, k, v, sinks, q_seg, kv_seg, head_offset, lists, out, lse)
 
 
+def _bwd_pass(st: _Static, kernel, q, k, v, q_seg, kv_seg, head_offset, lists, lse, d_out, delta):
+  """Pads the inputs of a backward kernel to the blocks of ``st`` and runs it."""
+  mask, sched = _plan(st, lists, head_offset, q.shape[2])
+  qp, kp, vp, qs, ks = _padded(st, q, k, v, q_seg, kv_seg)
+  tq_pad = qp.shape[1]
+  _, dv = _head_dims(st)
+  # Rows that must contribute nothing get lse = +inf, so p = exp(s - lse) is exactly 0 there:
+  # padded rows and rows that saw no key.
+  lse_b = _pad_to(jnp.where(jnp.isfinite(lse), lse, jnp.inf), 1, tq_pad, jnp.inf)
+  do = _pad_to(_pad_to(d_out, 1, tq_pad), 3, dv).astype(q.dtype)
+  delta = _pad_to(delta, 1, tq_pad)
+  return kernel(qp, kp, vp, qs, ks, head_offset, sched, lse_b, do, delta, **_kernel_kwargs(st, mask))
+
+
 def _flash_bwd(st: _Static, residuals, cotangents):
   q, k, v, sinks, q_seg, kv_seg, head_offset, lists, out, lse = residuals
   d_out, d_lse = cotangents
@@ -271,18 +372,14 @@ def _flash_bwd(st: _Static, residuals, cotangents):
   if sinks is not None:
     p_sink = jnp.exp(sinks.astype(jnp.float32)[None, None, :] - lse)
     d_sinks = (-(p_sink * delta).sum((0, 1))).astype(sinks.dtype)
-  mask, sched = _plan(st, lists, head_offset, q.shape[2])
+  args = (q, k, v, q_seg, kv_seg, head_offset, lists, lse, d_out, delta)
+  if st.platform == "gpu":
+    # The GPU's dQ and dK/dV kernels run with their own blocks, each on its own BlockMask.
+    dq = _bwd_pass(_gpu_pass(st, "dq"), flash_gpu.flash_dq, *args)
+    dk, dv_ = _bwd_pass(_gpu_pass(st, "dkv"), flash_gpu.flash_dkv, *args)
+  else:
+    dq, dk, dv_ = _bwd_pass(st, flash_tpu.flash_bwd, *args)
   tq, tk = q.shape[1], k.shape[1]
-  qp, kp, vp, qs, ks = _padded(st, q, k, v, q_seg, kv_seg)
-  tq_pad = qp.shape[1]
-  d, dv = _head_dims(st)
-  # Rows that must contribute nothing get lse = +inf, so p = exp(s - lse) is exactly 0 there:
-  # padded rows and rows that saw no key.
-  lse_b = _pad_to(jnp.where(jnp.isfinite(lse), lse, jnp.inf), 1, tq_pad, jnp.inf)
-  do = _pad_to(_pad_to(d_out, 1, tq_pad), 3, dv).astype(q.dtype)
-  delta = _pad_to(delta, 1, tq_pad)
-  dq, dk, dv_ = _kernels(st).flash_bwd(qp, kp, vp, qs, ks, head_offset, sched, lse_b, do, delta,
-                                       **_kernel_kwargs(st, mask))
   dq = dq[:, :tq, :, :q.shape[3]]
   dk = dk[:, :tk, :, :k.shape[3]]
   dv_ = dv_[:, :tk, :, :v.shape[3]]
@@ -336,7 +433,8 @@ def _sharded(st: _Static, sharding: NamedSharding, q, k, v, sinks, q_seg, kv_seg
 def _traced_blocks(config: PallasGpuConfig, spec: common.Spec, block_mask):
   """Tile sizes for a traced BlockMask: its own blocks, which Triton needs as powers of two >= 16."""
   lay = block_mask.layout
-  block_mask_traced.check_tile_config("PallasGpuConfig", config, lay)
+  for launch in [config] + [getattr(config, kernel) for kernel in _GPU_KERNELS if getattr(config, kernel)]:
+    block_mask_traced.check_tile_config("PallasGpuConfig", launch, lay)
   for name, want in (("block_q", lay.block_q), ("block_kv", lay.block_kv)):
     if want < 16 or want & (want - 1):
       raise NotImplementedError(f"traced block_mask {name}={want} (Triton tiles are powers of two >= 16)")
@@ -347,8 +445,8 @@ def _traced_blocks(config: PallasGpuConfig, spec: common.Spec, block_mask):
 
 
 def _attention(platform: str, config_type):
-  def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, config=None,
-                block_mask=None):
+  def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, block_mask=None, *, spec: common.Spec,
+                config=None):
     config = config if config is not None else config_type()
     if not isinstance(config, config_type):
       raise ValueError(f"config must be a {config_type.__name__} for implementation="
@@ -356,24 +454,38 @@ def _attention(platform: str, config_type):
     if block_mask is not None and platform == "tpu":
       # The TPU kernels' schedule format is being rewritten (issue 11); traced lists join it then.
       raise NotImplementedError("a traced block_mask on the TPU kernel (issue 14, stage 2)")
-    interpret = config.interpret
-    if interpret is None:
-      interpret = dispatch.current_platform() != platform
+    interpret = dispatch.pallas_interpret(config.interpret, platform)
     if config.record_visits is not None and not interpret:
       raise ValueError("record_visits is a debugging aid for interpret mode only")
+    if platform == "tpu" and q.dtype == jnp.float16:
+      # Mosaic rejects float16 vectors on TPU v4 ("Invalid vector type for load"); TPUs have no
+      # float16 arithmetic anyway, so the kernels run on float32 copies.
+      f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+      out, lse = attention(*f32, sinks, q_segment_ids, kv_segment_ids, spec=spec, config=config,
+                           block_mask=block_mask)
+      return out.astype(q.dtype), lse
+    gpu_bwd = None
     if platform == "tpu":
       bq, bk = _tpu_blocks(config, spec, interpret)
       warps = stages = None
     else:
-      bq, bk, warps, stages = _gpu_blocks(config, spec)
       if max(spec.head_dim, spec.v_head_dim) > 256:
         raise NotImplementedError(f"head dims above 256 (got {spec.head_dim}, {spec.v_head_dim})")
+      launches = _gpu_launches(config, spec, jnp.dtype(q.dtype).itemsize)
+      bq, bk, warps, stages = launches["fwd"]
+      gpu_bwd = (launches["dq"], launches["dkv"])
     lists = None
     if block_mask is not None:
+      # The lists index the mask's blocks: every kernel tiles with them (launch parameters stay).
       bq, bk = _traced_blocks(config, spec, block_mask)
+      gpu_bwd = tuple((bq, bk) + launch[2:] for launch in gpu_bwd)
       lists = (block_mask.kv_indices, block_mask.kv_kinds, block_mask.kv_counts, block_mask.q_offsets,
                block_mask.q_indices, block_mask.q_kinds)
-    st = _Static(platform, spec, bq, bk, bool(interpret), warps, stages, config.record_visits)
+    st = _Static(platform, spec, bq, bk, bool(interpret), warps, stages, config.record_visits, gpu_bwd)
+    if block_mask is None:
+      dispatch.note("block_mask", st.block_mask)
+    else:
+      dispatch.note("traced_block_mask", block_mask)
     if config.sharding is not None:
       if block_mask is not None:
         raise NotImplementedError("a traced block_mask under config.sharding (its lists are not sharded yet)")

@@ -13,8 +13,8 @@ from attn_jax import block_mask_traced
 from attn_jax.softmax import common
 
 
-def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, config=None,
-              block_mask=None):
+def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, block_mask=None, *, spec: common.Spec,
+              config=None):
   """Reference attention.
 
   Args:

@@ -78,8 +78,8 @@ class _Static:
     return bm.union_over_heads()
 
 
-def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, config=None,
-              block_mask=None):
+def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, block_mask=None, *, spec: common.Spec,
+              config=None):
   """xla backend: same contract as :func:`attn_jax.softmax.reference.attention`."""
   config = config or XlaConfig()
   if not isinstance(config, XlaConfig):
@@ -90,6 +90,7 @@ def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spe
                                 block_mask=block_mask, config=config)
   static = _Static(spec, _block(config.block_q, spec.q_len), _block(config.block_kv, spec.kv_len),
                    config.record_visits)
+  dispatch.note("block_mask", static.block_mask)
   return _flash(static, q, k, v, sinks, q_segment_ids, kv_segment_ids)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from attn_jax import block_mask_traced as traced_lib
+from attn_jax import dispatch
 from attn_jax.softmax import common
 
 
@@ -56,6 +57,7 @@ def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spe
   """Same contract as :func:`attn_jax.softmax.reference.attention`, with a traced BlockMask."""
   lay = block_mask.layout
   traced_lib.check_tile_config("XlaConfig", config, lay)
+  dispatch.note("traced_block_mask", block_mask)
   st = _Static(spec, lay, block_mask.num_batch, block_mask.num_heads, config.record_visits)
   lists = (block_mask.kv_indices, block_mask.kv_kinds, block_mask.kv_counts)
   return _sparse(st, q, k, v, sinks, q_segment_ids, kv_segment_ids, lists)
