@@ -133,8 +133,8 @@ MUTANTS: tuple[Mutant, ...] = (
         (_kernel_case("gpu", "window_sinks_mqa_cap_segments"),)),
     Mutant(
         "gpu-dkv-skips-last-tile", "pallas_gpu", FLASH_GPU,
-        "    return lax.fori_loop(0, cnt_ref[hm, j], body, accs)",
-        "    return lax.fori_loop(0, cnt_ref[hm, j] - 1, body, accs)",
+        "    return lax.fori_loop(0, count, body, accs)",
+        "    return lax.fori_loop(0, count - 1, body, accs)",
         "the dK/dV pass skips the last non-empty query block of every key block",
         (_kernel_case("gpu", "causal_gqa_sinks"),)),
     Mutant(
@@ -145,15 +145,16 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{_FULL_TILES}::test_rows_that_see_no_key_without_sinks[gpu]",)),
     Mutant(
         "gpu-head-dependent-schedule-of-head-0", "pallas_gpu", FLASH_GPU,
-        "  hm = h if mask.per_head else 0\n  bq, bk = block_q, block_kv\n  q = q_ref[...]\n  dv = o_ref",
-        "  hm = 0\n  bq, bk = block_q, block_kv\n  q = q_ref[...]\n  dv = o_ref",
+        "  hm = fc.list_row(mask, b, h)\n  bq, bk = block_q, block_kv\n  q = q_ref[...]\n  dv = o_ref",
+        "  hm = fc.list_row(mask, b, 0)\n  bq, bk = block_q, block_kv\n  q = q_ref[...]\n  dv = o_ref",
         "the forward kernel walks head 0's BlockMask lists for every head of a head-dependent mask",
         (f"{_FULL_TILES}::test_head_dependent_schedule_visits_each_heads_tiles[gpu]",)),
     # ---------------------------------------------------------------- softmax Pallas adapter
     Mutant(
         "pallas-returned-lse-shifted", "pallas_adapter", SOFTMAX_PALLAS,
-        "  return (out, lse), (q, k, v, sinks, q_seg, kv_seg, head_offset, out, lse)",
-        "  return (out, lse + 0.1 * (q.dtype != jnp.float32)), (q, k, v, sinks, q_seg, kv_seg, head_offset, out, lse)",
+        "  return (out, lse), (q, k, v, sinks, q_seg, kv_seg, head_offset, lists, out, lse)",
+        "  return (out, lse + 0.1 * (q.dtype != jnp.float32)), (q, k, v, sinks, q_seg, kv_seg, head_offset, lists, out,"
+        " lse)",
         "bf16 / f16 runs return an LSE off by +0.1 (the backward pass keeps the right one)",
         (_kernel_case("tpu", "window_sinks_mqa_cap_segments"),)),
     Mutant(
