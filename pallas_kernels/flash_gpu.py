@@ -80,7 +80,7 @@ def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
   o_ref, lse_ref = rest
 
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  hm = h if mask.per_head else 0
+  hm = fc.list_row(mask, b, h)
   bq, bk = block_q, block_kv
   q = q_ref[...]
   dv = o_ref.shape[-1]
@@ -198,7 +198,7 @@ def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: f
   (dq_ref,) = rest
 
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  hm = h if mask.per_head else 0
+  hm = fc.list_row(mask, b, h)
   bq, bk = block_q, block_kv
   q = q_ref[...]
   do = do_ref[...]
@@ -255,11 +255,19 @@ def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
 
   def head_body(g, accs):
     h = hk * group + g
-    hm = h if mask.per_head else 0
+    hm = fc.list_row(mask, b, h)
     head = off_ref[0] + h
+    if mask.csr_transposed:
+      # Compressed rows: this key block's entries are a contiguous run of the flat lists.
+      first = cnt_ref[hm, j]
+      count = cnt_ref[hm, j + 1] - first
+      entry = lambda ref, t: ref[hm, first + t]  # noqa: E731
+    else:
+      count = cnt_ref[hm, j]
+      entry = lambda ref, t: ref[hm, j, t]  # noqa: E731
 
     def body(t, accs):
-      i = idx_ref[hm, j, t]
+      i = entry(idx_ref, t)
       start = pl.multiple_of(i * bq, bq)
       q = q_ref[pl.ds(start, bq), h, :]
       do = do_ref[pl.ds(start, bq), h, :]
@@ -272,7 +280,7 @@ def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
         s, th = _logits(k, q, scale, soft_cap)  # [bk, bq]
         q_idx = (start + lax.iota(jnp.int32, bq))[None, :]
         seg = (kvseg[:, None] == qseg_ref[pl.ds(start, bq)][None, :]) if has_segments else None
-        tile = tiles_ref[tid_ref[hm, j, t]] if (masked and mask.use_tiles) else None
+        tile = tiles_ref[entry(tid_ref, t)] if (masked and mask.use_tiles) else None
         vis = _visibility(mask, masked, tile, q_idx, kv_idx, head, seg, (bk, bq))
         p = jnp.exp(s - lse)
         if vis is not None:
@@ -285,9 +293,9 @@ def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
         dk = dk + scale * lax.dot_general(ds.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32)
         return dk, dv
 
-      return _select(mask, kind_ref[hm, j, t], update, accs)
+      return _select(mask, entry(kind_ref, t), update, accs)
 
-    return lax.fori_loop(0, cnt_ref[hm, j], body, accs)
+    return lax.fori_loop(0, count, body, accs)
 
   dk, dv = lax.fori_loop(0, group, head_body,
                          (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from attn_jax import block_mask as block_mask_lib
+from attn_jax import block_mask_traced
 from attn_jax import dispatch
 from attn_jax import sharding as sharding_lib
 from attn_jax.softmax import common
@@ -256,6 +257,40 @@ def _schedule(st: _Static, mask: flash_common.MaskSpec, head_offset, local_heads
   return flash_common.Schedule(*arrays, jnp.asarray(tiles, jnp.int8))
 
 
+def _traced_plan(st: _Static, lists):
+  """MaskSpec and Schedule of a traced BlockMask: its device lists, rows = (batch, list head)."""
+  s = st.spec
+  static = s.traced_layout.static_block_mask
+  has_partial = static.num_partial > 0
+  predicate = None
+  if has_partial:
+    ctx = s.mask_context
+
+    def predicate(q_idx, kv_idx, head):
+      return s.mask.evaluate(q_idx, kv_idx, None, ctx, jnp) & (kv_idx < s.kv_len)
+  kv_indices, kv_kinds, kv_counts, q_offsets, q_indices, q_kinds = lists
+  bm, hm, nq, w = kv_indices.shape
+  rows = bm * hm
+  mask = flash_common.MaskSpec(predicate=predicate, use_tiles=False, per_head=hm > 1,
+                               has_full=static.num_full > 0, has_partial=has_partial,
+                               head_group=s.num_q_heads // hm, per_batch=bm > 1, list_heads=hm,
+                               csr_transposed=True)
+  unused = jnp.zeros((1, 1, 1), jnp.int32)
+  sched = flash_common.Schedule(
+      kv_indices.reshape(rows, nq, w), kv_kinds.reshape(rows, nq, w), kv_counts.reshape(rows, nq), unused,
+      q_indices.reshape(rows, nq * w), q_kinds.reshape(rows, nq * w), q_offsets.reshape(rows, -1),
+      unused[0], jnp.zeros((1, 1, 1), jnp.int8))
+  return mask, sched
+
+
+def _plan(st: _Static, lists, head_offset, local_heads: int):
+  """The kernels' MaskSpec and Schedule: the static BlockMask's, or the traced lists'."""
+  if lists is not None:
+    return _traced_plan(st, lists)
+  mask = _mask_spec(st)
+  return mask, _schedule(st, mask, head_offset, local_heads)
+
+
 def _pad_to(x, axis, size, value=0):
   if x is None or x.shape[axis] == size:
     return x
@@ -294,9 +329,8 @@ def _kernels(st: _Static):
   return flash_tpu if st.platform == "tpu" else flash_gpu
 
 
-def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset):
-  mask = _mask_spec(st)
-  sched = _schedule(st, mask, head_offset, q.shape[2])
+def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset, lists):
+  mask, sched = _plan(st, lists, head_offset, q.shape[2])
   tq = q.shape[1]
   qp, kp, vp, qs, ks = _padded(st, q, k, v, q_seg, kv_seg)
   sinks32 = None if sinks is None else sinks.astype(jnp.float32)
@@ -306,19 +340,18 @@ def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset):
-  return _forward(st, q, k, v, sinks, q_seg, kv_seg, head_offset)
+def _flash(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset, lists):
+  return _forward(st, q, k, v, sinks, q_seg, kv_seg, head_offset, lists)
 
 
-def _flash_fwd(st, q, k, v, sinks, q_seg, kv_seg, head_offset):
-  out, lse = _forward(st, q, k, v, sinks, q_seg, kv_seg, head_offset)
-  return (out, lse), (q, k, v, sinks, q_seg, kv_seg, head_offset, out, lse)
+def _flash_fwd(st, q, k, v, sinks, q_seg, kv_seg, head_offset, lists):
+  out, lse = _forward(st, q, k, v, sinks, q_seg, kv_seg, head_offset, lists)
+  return (out, lse), (q, k, v, sinks, q_seg, kv_seg, head_offset, lists, out, lse)
 
 
-def _bwd_pass(st: _Static, kernel, q, k, v, q_seg, kv_seg, head_offset, lse, d_out, delta):
+def _bwd_pass(st: _Static, kernel, q, k, v, q_seg, kv_seg, head_offset, lists, lse, d_out, delta):
   """Pads the inputs of a backward kernel to the blocks of ``st`` and runs it."""
-  mask = _mask_spec(st)
-  sched = _schedule(st, mask, head_offset, q.shape[2])
+  mask, sched = _plan(st, lists, head_offset, q.shape[2])
   qp, kp, vp, qs, ks = _padded(st, q, k, v, q_seg, kv_seg)
   tq_pad = qp.shape[1]
   _, dv = _head_dims(st)
@@ -331,7 +364,7 @@ def _bwd_pass(st: _Static, kernel, q, k, v, q_seg, kv_seg, head_offset, lse, d_o
 
 
 def _flash_bwd(st: _Static, residuals, cotangents):
-  q, k, v, sinks, q_seg, kv_seg, head_offset, out, lse = residuals
+  q, k, v, sinks, q_seg, kv_seg, head_offset, lists, out, lse = residuals
   d_out, d_lse = cotangents
   # delta_i = dO_i . O_i - dLSE_i (see the xla backend for the derivation).
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
@@ -339,7 +372,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
   if sinks is not None:
     p_sink = jnp.exp(sinks.astype(jnp.float32)[None, None, :] - lse)
     d_sinks = (-(p_sink * delta).sum((0, 1))).astype(sinks.dtype)
-  args = (q, k, v, q_seg, kv_seg, head_offset, lse, d_out, delta)
+  args = (q, k, v, q_seg, kv_seg, head_offset, lists, lse, d_out, delta)
   if st.platform == "gpu":
     # The GPU's dQ and dK/dV kernels run with their own blocks, each on its own BlockMask.
     dq = _bwd_pass(_gpu_pass(st, "dq"), flash_gpu.flash_dq, *args)
@@ -350,7 +383,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
   dq = dq[:, :tq, :, :q.shape[3]]
   dk = dk[:, :tk, :, :k.shape[3]]
   dv_ = dv_[:, :tk, :, :v.shape[3]]
-  return dq, dk, dv_, d_sinks, None, None, None
+  return dq, dk, dv_, d_sinks, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -386,7 +419,7 @@ def _sharded(st: _Static, sharding: NamedSharding, q, k, v, sinks, q_seg, kv_seg
       kv_head = (shard * local_q_heads) // s.group_size
       k = jax.lax.dynamic_slice_in_dim(k, kv_head, 1, axis=2)
       v = jax.lax.dynamic_slice_in_dim(v, kv_head, 1, axis=2)
-    return _flash(st, q, k, v, sinks, q_seg, kv_seg, head_offset)
+    return _flash(st, q, k, v, sinks, q_seg, kv_seg, head_offset, None)
 
   in_specs = (q_spec, kv_spec, kv_spec, None if sinks is None else sink_spec,
               None if q_seg is None else seg_spec, None if kv_seg is None else seg_spec)
@@ -397,12 +430,30 @@ def _sharded(st: _Static, sharding: NamedSharding, q, k, v, sinks, q_seg, kv_seg
   return fn(*args)
 
 
+def _traced_blocks(config: PallasGpuConfig, spec: common.Spec, block_mask):
+  """Tile sizes for a traced BlockMask: its own blocks, which Triton needs as powers of two >= 16."""
+  lay = block_mask.layout
+  for launch in [config] + [getattr(config, kernel) for kernel in _GPU_KERNELS if getattr(config, kernel)]:
+    block_mask_traced.check_tile_config("PallasGpuConfig", launch, lay)
+  for name, want in (("block_q", lay.block_q), ("block_kv", lay.block_kv)):
+    if want < 16 or want & (want - 1):
+      raise NotImplementedError(f"traced block_mask {name}={want} (Triton tiles are powers of two >= 16)")
+  if lay.static_block_mask.num_partial and not spec.mask.in_kernel:
+    raise NotImplementedError(f"a traced block_mask over the mask {spec.mask!r}, which kernels cannot "
+                              f"evaluate in-kernel")
+  return lay.block_q, lay.block_kv
+
+
 def _attention(platform: str, config_type):
-  def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, config=None):
+  def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, block_mask=None, *, spec: common.Spec,
+                config=None):
     config = config if config is not None else config_type()
     if not isinstance(config, config_type):
       raise ValueError(f"config must be a {config_type.__name__} for implementation="
                        f"'pallas_{platform}', got {type(config).__name__}")
+    if block_mask is not None and platform == "tpu":
+      # The TPU kernels' schedule format is being rewritten (issue 11); traced lists join it then.
+      raise NotImplementedError("a traced block_mask on the TPU kernel (issue 14, stage 2)")
     interpret = dispatch.pallas_interpret(config.interpret, platform)
     if config.record_visits is not None and not interpret:
       raise ValueError("record_visits is a debugging aid for interpret mode only")
@@ -410,7 +461,8 @@ def _attention(platform: str, config_type):
       # Mosaic rejects float16 vectors on TPU v4 ("Invalid vector type for load"); TPUs have no
       # float16 arithmetic anyway, so the kernels run on float32 copies.
       f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-      out, lse = attention(*f32, sinks, q_segment_ids, kv_segment_ids, spec=spec, config=config)
+      out, lse = attention(*f32, sinks, q_segment_ids, kv_segment_ids, spec=spec, config=config,
+                           block_mask=block_mask)
       return out.astype(q.dtype), lse
     gpu_bwd = None
     if platform == "tpu":
@@ -422,11 +474,23 @@ def _attention(platform: str, config_type):
       launches = _gpu_launches(config, spec, jnp.dtype(q.dtype).itemsize)
       bq, bk, warps, stages = launches["fwd"]
       gpu_bwd = (launches["dq"], launches["dkv"])
+    lists = None
+    if block_mask is not None:
+      # The lists index the mask's blocks: every kernel tiles with them (launch parameters stay).
+      bq, bk = _traced_blocks(config, spec, block_mask)
+      gpu_bwd = tuple((bq, bk) + launch[2:] for launch in gpu_bwd)
+      lists = (block_mask.kv_indices, block_mask.kv_kinds, block_mask.kv_counts, block_mask.q_offsets,
+               block_mask.q_indices, block_mask.q_kinds)
     st = _Static(platform, spec, bq, bk, bool(interpret), warps, stages, config.record_visits, gpu_bwd)
-    dispatch.note("block_mask", st.block_mask)
+    if block_mask is None:
+      dispatch.note("block_mask", st.block_mask)
+    else:
+      dispatch.note("traced_block_mask", block_mask)
     if config.sharding is not None:
+      if block_mask is not None:
+        raise NotImplementedError("a traced block_mask under config.sharding (its lists are not sharded yet)")
       return _sharded(st, config.sharding, q, k, v, sinks, q_segment_ids, kv_segment_ids)
-    return _flash(st, q, k, v, sinks, q_segment_ids, kv_segment_ids, jnp.zeros((1,), jnp.int32))
+    return _flash(st, q, k, v, sinks, q_segment_ids, kv_segment_ids, jnp.zeros((1,), jnp.int32), lists)
   return attention
 
 
