@@ -1,8 +1,8 @@
 r"""The attention benchmark: which mechanism for my task and my sequence length?
 
 Default (``--suite=all``): both halves of a CAB-style comparison on an embedded default that
-needs no download (about 8.5 minutes on an idle 2-core CPU before the merge of the recommending
-report; not re-measured since)::
+needs no download (8.5 minutes of CPU time, so at most that on an idle 2-core CPU; measured in
+``benchmarks/cpu_main_job/``)::
 
     python -m experiments.benchmark
 
