@@ -35,6 +35,8 @@ from attn_jax.mechanisms.linear import based_linear_attention
 from attn_jax.mechanisms.linear import jrt_prefix_linear_attention
 from attn_jax.mechanisms.linear import jrt_prefix_state
 from attn_jax.mechanisms.linear import lightnet_attention
+from attn_jax.mechanisms.linear import lightnet_init_state
+from attn_jax.mechanisms.linear import lightnet_step
 from attn_jax.mechanisms.linear import lightning_attention
 from attn_jax.mechanisms.linear import lightning_slopes
 from attn_jax.mechanisms.linear import retention
@@ -79,6 +81,8 @@ __all__ = [
     "jrt_prefix_linear_attention",
     "jrt_prefix_state",
     "lightnet_attention",
+    "lightnet_init_state",
+    "lightnet_step",
     "lightning_attention",
     "lightning_slopes",
     "retention",

@@ -396,6 +396,26 @@ MUTANTS: tuple[Mutant, ...] = (
         "prefilling a rolling cache leaves the sink slots empty",
         ("tests/layers/test_decode.py::test_rolling_cache_fill_keeps_sinks_and_last_window",)),
     Mutant(
+        "softmax-mixer-decode-ignores-mask", "decoding", "attn_jax/layers/mixers/softmax.py",
+        "    visible = cache.visible(position, self.mask)",
+        "    visible = cache.visible(position, masks_lib.causal())",
+        "a softmax mixer's decoding step sees every cached key before it, whatever its mask (chunks, a "
+        "window on a full cache)",
+        ("tests/layers/test_decode.py::test_softmax_decode_equals_full[chunked]",
+         "tests/layers/test_decode.py::test_softmax_decode_equals_full[window_full_cache]")),
+    Mutant(
+        "softmax-mixer-drops-sink-tokens", "decoding", "attn_jax/layers/mixers/softmax.py",
+        "      mask = mask | masks_lib.sink_tokens(self.num_sink_tokens, causal=self.causal)",
+        "      mask = mask",
+        "the softmax mixer's num_sink_tokens adds no sink to its window mask",
+        ("tests/layers/test_decode.py::test_rolling_cache_is_the_window_sink_mask_and_bounded",)),
+    Mutant(
+        "linear-mixer-decode-drops-decay", "decoding", "attn_jax/layers/mixers/linear.py",
+        "    state, o = step_fn(\"linear\")(cache.state, q[:, 0], k[:, 0], v[:, 0], log_decay,",
+        "    state, o = step_fn(\"linear\")(cache.state, q[:, 0], k[:, 0], v[:, 0], None,",
+        "the linear mixer's decoding step never decays its state (fixed or data-dependent decay)",
+        ("tests/layers/test_mixer_wiring.py::test_linear_hybrid_lm_decode_equals_full[real]",)),
+    Mutant(
         "generate-ignores-key", "decoding", "attn_jax/models/decoding.py",
         "  rng, sub = jax.random.split(rng)\n  first = sample_logits(",
         "  rng, sub = jax.random.split(jax.random.PRNGKey(0))\n  first = sample_logits(",
@@ -432,6 +452,18 @@ MUTANTS: tuple[Mutant, ...] = (
         "    a = tuple(a_l + s_l for a_l, s_l in zip(a, s))",
         "the Titans memory's decoding step drops the forgetting gate (1 - alpha_t)",
         ("tests/mechanisms/test_titans.py::test_decode_steps_equal_recompute",)),
+    Mutant(
+        "registry-accepts-misspelt-field", "mechanisms", "attn_jax/layers/registry.py",
+        "  unknown = sorted(set(fields) - set(valid))",
+        "  unknown = []",
+        "a misspelt mixer field is not reported by name with the mechanism's valid fields",
+        ("tests/layers/test_registry.py::test_mixer_config_errors_name_the_mechanism_and_its_fields",)),
+    Mutant(
+        "schedule-repeats-last-mixer", "mechanisms", "attn_jax/layers/block.py",
+        "  return tuple(schedule[i % len(schedule)] for i in range(num_layers))",
+        "  return tuple(schedule[min(i, len(schedule) - 1)] for i in range(num_layers))",
+        "a hybrid schedule is not cycled over the layers: the last mixer fills every remaining layer",
+        ("tests/layers/test_rope_nn.py::test_schedule_cycles_and_checks",)),
     # ---------------------------------------------------------------- traced BlockMask, content-dependent sparsity
     Mutant(
         "traced-transpose-drops-last-entry", "dynamic_sparse", TRACED,
@@ -558,8 +590,8 @@ MUTANTS: tuple[Mutant, ...] = (
     # ---------------------------------------------------------------- benchmark and quality suites
     Mutant(
         "efficiency-fwd-bwd-times-forward-only", "benchmark", "experiments/efficiency.py",
-        "    fn = jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))",
-        "    fn = fwd",
+        "      fn = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2) if cross else (0, 1))",
+        "      fn = fwd",
         "the fwd_bwd mode measures the forward pass only",
         ("tests/test_benchmark_properties.py::test_measurements_have_the_properties_the_report_relies_on",)),
     Mutant(
@@ -574,6 +606,12 @@ MUTANTS: tuple[Mutant, ...] = (
         "    for metric, field in ((\"time\", \"time_ms\"), (\"memory\", \"time_ms\")):",
         "the memory efficiency length is computed from the times",
         ("tests/test_benchmark_properties.py::test_efficiency_lengths_on_synthetic_numbers",)),
+    Mutant(
+        "efficiency-dense-baseline-never-causal", "benchmark", "experiments/efficiency.py",
+        "    return self.proj.o_proj(jax.nn.dot_product_attention(q, k, v, is_causal=self.causal))",
+        "    return self.proj.o_proj(jax.nn.dot_product_attention(q, k, v, is_causal=False))",
+        "the jax.nn dense baseline times full attention in the causal patterns",
+        ("tests/test_benchmark.py::test_dense_baseline_is_jax_nn_and_matches_the_reference_in_every_pattern",)),
     Mutant(
         "quality-reports-worst-learning-rate", "benchmark", "experiments/quality.py",
         "  best = max(good, key=lambda r: r[\"accuracy\"])",
