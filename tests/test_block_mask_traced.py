@@ -18,12 +18,13 @@ DIAG = masks.from_fn(lambda q, k: q // 8 == k // 8, name="diag8", in_kernel=True
 
 
 def _oracle_selection(scores, top_k, static_kinds, keep_dense):
-  """NumPy: per row, the keep blocks plus the top_k eligible blocks by score (ties: lower index)."""
+  """NumPy: per row, the keep blocks plus the top_k eligible blocks by score (ties: lower index; NaN
+  and -inf scores are not eligible)."""
   scores = np.asarray(scores, np.float64)
   out = np.zeros(scores.shape, bool)
   for idx in np.ndindex(scores.shape[:-1]):
     row = idx[-1]
-    eligible = (static_kinds[row] != bm_lib.EMPTY)
+    eligible = (static_kinds[row] != bm_lib.EMPTY) & ~np.isnan(scores[idx]) & (scores[idx] > -np.inf)
     kept = eligible & keep_dense[row]
     cand = np.flatnonzero(eligible & ~kept)
     order = cand[np.lexsort((cand, -scores[idx][cand]))][:top_k]
@@ -62,6 +63,24 @@ def test_from_scores_matches_numpy_selection_and_transposes(mask_name):
       run = slice(offsets[b, h, j], offsets[b, h, j + 1])
       assert list(q_idx[b, h, run]) == list(np.flatnonzero(want[b, h, :, j]))
       np.testing.assert_array_equal(q_kinds[b, h, run], static[want[b, h, :, j], j])
+
+
+def test_nan_and_minus_inf_scores_are_never_selected():
+  """A NaN or -inf score neither gets selected nor takes a top-k slot from an eligible block; +inf
+  is an ordinary (best) score; a row with fewer eligible blocks than top_k keeps all of them."""
+  nq = nk = 6
+  scores = np.array(jax.random.normal(jax.random.PRNGKey(3), (1, 2, nq, nk)))
+  scores[0, 0, 5, [0, 3]] = np.nan
+  scores[0, 0, 4, 2] = -np.inf
+  scores[0, 1, 5, :4] = np.nan          # row 5 of head 1: one eligible block (4) besides the diagonal
+  scores[0, 1, 3, 1] = np.inf
+  tb = jax.jit(lambda s: traced.from_scores(s, 3, q_len=45, kv_len=45, block_q=8, block_kv=8, mask=masks.causal(),
+                                            keep=DIAG))(jnp.asarray(scores))
+  static = bm_lib.make_block_mask(masks.causal(), 45, 45, 8, 8).kinds[0]
+  want = _oracle_selection(scores, 3, static, np.eye(nq, dtype=bool))
+  np.testing.assert_array_equal(np.asarray(tb.dense_kinds()) != bm_lib.EMPTY, want)
+  np.testing.assert_array_equal(tb.kv_counts[0, :, 5], [4, 2])
+  assert 1 in set(np.asarray(tb.kv_indices[0, 1, 3, :tb.kv_counts[0, 1, 3]]))
 
 
 def test_from_indices_sorts_dedups_and_drops_empty_blocks():

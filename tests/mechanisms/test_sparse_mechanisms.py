@@ -109,6 +109,30 @@ def test_recycled_decoding_matches_its_oracle():
   assert np.abs(np.asarray(got - dense))[:, 1].max() > 1e-3
 
 
+def test_routing_centroid_update_is_one_online_kmeans_step():
+  """``mu_c <- normalise(decay mu_c + (1 - decay) mean of the unit queries *and keys* nearest to c)``;
+  a centroid without members (here: a duplicate, which loses every argmax tie) keeps its value."""
+  q, k, _ = (x[:, :12] for x in _qkv(23))
+  cent = np.array(routing_lib._unit(normal(24, HQ, 4, 16)))
+  cent[:, 3] = cent[:, 0]
+  got = np.asarray(mech.routing_update_centroids(jnp.asarray(cent), q, k, decay=0.9))
+
+  def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  want = np.empty_like(cent)
+  for h in range(HQ):
+    vecs = unit(np.concatenate([np.asarray(q)[:, :, h].reshape(-1, 16),
+                                np.asarray(k)[:, :, h // (HQ // HKV)].reshape(-1, 16)]).astype(np.float64))
+    nearest = np.argmax(vecs @ cent[h].T, axis=-1)
+    sizes = np.bincount(nearest, minlength=4)
+    assert sizes[3] == 0 and (sizes[:3] > 0).sum() >= 2, sizes
+    for c in range(4):
+      members = vecs[nearest == c]
+      want[h, c] = cent[h, c] if len(members) == 0 else unit(0.9 * cent[h, c] + 0.1 * members.mean(0))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def _full_budget_cases():
   proj, cent = normal(1, 16, 4), routing_lib._unit(normal(2, HQ, 3, 16))
   lk = normal(3, B, T // 8, HKV, 16)
@@ -187,6 +211,24 @@ def test_topk_block_mask_is_the_oracles_selection_and_one_per_kv_group():
         best = sorted(cand, key=lambda j: (-scores[b, h, i, j], j))[:2]
         assert set(np.flatnonzero(dense[b, h, i])) == set(best) | {i}
         np.testing.assert_array_equal(dense[b, h, i][dense[b, h, i] > 0], static[i][dense[b, h, i] > 0])
+
+
+def test_block_scores_pool_every_query_head_of_the_group():
+  """The selection score is the mean over the query block's tokens *and* the GQA group's query heads
+  of ``q . mean(k over the key block)`` (NSA's shared selection), ragged last blocks included. The
+  selection oracles call :func:`block_scores` themselves, so this checks it against its definition."""
+  q, k, _ = _qkv(22)
+  got = np.asarray(mech.block_scores(q, k, block_size=8))
+  qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  g, nb = HQ // HKV, -(-T // 8)
+  want = np.zeros((B, HKV, nb, nb))
+  for b in range(B):
+    for h in range(HKV):
+      for i in range(nb):
+        for j in range(nb):
+          kbar = kn[b, j * 8:(j + 1) * 8, h].mean(0)
+          want[b, h, i, j] = (qn[b, i * 8:(i + 1) * 8, h * g:(h + 1) * g] @ kbar).mean()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_dhsa_is_exact_whether_its_blocks_fit_the_static_width_or_not():

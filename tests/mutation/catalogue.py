@@ -60,6 +60,9 @@ _API = "tests/softmax/test_attention_api.py"
 _LINEAR_PALLAS = "tests/linear/test_pallas.py"
 _LINEAR_XLA = "tests/linear/test_xla_vs_reference.py"
 _NB_MASK = "tests/neighborhood/test_mask.py"
+TRACED = "attn_jax/block_mask_traced.py"
+_TRACED = "tests/test_block_mask_traced.py"
+_SPARSE_MECH = "tests/mechanisms/test_sparse_mechanisms.py"
 
 
 def _kernel_case(platform: str, case: str) -> str:
@@ -461,6 +464,122 @@ MUTANTS: tuple[Mutant, ...] = (
         "  return tuple(schedule[min(i, len(schedule) - 1)] for i in range(num_layers))",
         "a hybrid schedule is not cycled over the layers: the last mixer fills every remaining layer",
         ("tests/layers/test_rope_nn.py::test_schedule_cycles_and_checks",)),
+    # ---------------------------------------------------------------- traced BlockMask, content-dependent sparsity
+    Mutant(
+        "traced-transpose-drops-last-entry", "dynamic_sparse", TRACED,
+        "  valid = (jnp.arange(w) < counts[..., None]).reshape(bm * hm, nq * w)",
+        "  valid = (jnp.arange(w) < counts[..., None] - 1).reshape(bm * hm, nq * w)",
+        "the transposed (dK/dV) lists leave out the last entry of every query block's list (its diagonal "
+        "block under causal masking)",
+        (f"{_TRACED}::test_from_scores_matches_numpy_selection_and_transposes[causal]",
+         f"{_TRACED}::test_gpu_kernel_matches_reference[gqa_group_lists_sinks]"), quick=True),
+    Mutant(
+        "traced-selected-partial-marked-full", "dynamic_sparse", TRACED,
+        "  kinds = jnp.where(in_list, static[rows, indices], EMPTY).astype(jnp.int32)",
+        "  kinds = jnp.where(in_list, FULL, EMPTY).astype(jnp.int32)",
+        "every selected block is marked FULL: a selected PARTIAL block loses the static (causal) part",
+        (f"{_TRACED}::test_gpu_kernel_matches_reference[gqa_group_lists_sinks]",
+         f"{_TRACED}::test_from_scores_matches_numpy_selection_and_transposes[causal]")),
+    Mutant(
+        "traced-keep-blocks-compete-in-topk", "dynamic_sparse", TRACED,
+        "    eligible = eligible & ~jnp.asarray(keep_dense)",
+        "    eligible = eligible",
+        "the always-kept blocks also take part in the top-k, so a row whose kept block scores high gets "
+        "top_k - 1 chosen blocks",
+        (f"{_TRACED}::test_from_scores_matches_numpy_selection_and_transposes[causal]",)),
+    Mutant(
+        "traced-nan-scores-selected", "dynamic_sparse", TRACED,
+        "    candidates = jnp.where(jnp.isnan(candidates), -jnp.inf, candidates)\n",
+        "",
+        "NaN block scores are not turned into -inf before the top-k: a NaN block takes a top-k slot (and is "
+        "then dropped), so its row keeps fewer blocks",
+        (f"{_TRACED}::test_nan_and_minus_inf_scores_are_never_selected",)),
+    Mutant(
+        "gpu-traced-lists-of-batch-0", "dynamic_sparse", SOFTMAX_PALLAS,
+        "                               head_group=s.num_q_heads // hm, per_batch=bm > 1, list_heads=hm,",
+        "                               head_group=s.num_q_heads // hm, per_batch=False, list_heads=hm,",
+        "the GPU kernels read batch row 0's traced lists for every batch row of a per-batch selection",
+        (f"{_TRACED}::test_gpu_kernel_matches_reference[gqa_group_lists_sinks]",)),
+    Mutant(
+        "topk-scores-of-first-head-of-group", "dynamic_sparse", "attn_jax/mechanisms/block_topk.py",
+        "  qbar = _pooled(q, block_size, tq).reshape(b, -1, hkv, hq // hkv, d).mean(3)  # [B, nq, Hkv, D]",
+        "  qbar = _pooled(q, block_size, tq).reshape(b, -1, hkv, hq // hkv, d)[:, :, :, 0]  # [B, nq, Hkv, D]",
+        "block top-k scores a GQA group's blocks by its first query head instead of pooling every head "
+        "of the group",
+        (f"{_SPARSE_MECH}::test_block_scores_pool_every_query_head_of_the_group",), quick=True),
+    Mutant(
+        "xla-sparse-softcap-missing-in-backward", "dynamic_sparse", "attn_jax/softmax/xla_sparse.py",
+        "      ds = ds * (1.0 - th * th)",
+        "      ds = ds",
+        "the traced-mask xla backend leaves the soft-cap's tanh derivative out of dS",
+        (f"{_TRACED}::test_xla_matches_reference[per_q_head_lists_cap_segments]",)),
+    Mutant(
+        "xla-sparse-padding-entries-live", "dynamic_sparse", "attn_jax/softmax/xla_sparse.py",
+        "  live = jnp.arange(w) < counts[..., None]                                   # [B, Hkv, Gm, W]",
+        "  live = jnp.arange(w) <= counts[..., None]                                  # [B, Hkv, Gm, W]",
+        "the first padding entry of a short list (a repeat of the last key block) is attended: that block "
+        "counts twice in the softmax",
+        (f"{_TRACED}::test_xla_matches_reference[gqa_group_lists_sinks]",)),
+    Mutant(
+        "hyper-merge-lse-sign", "dynamic_sparse", "attn_jax/mechanisms/sparse_common.py",
+        "  return out / safe[..., None], jnp.where(total > 0, m_safe + jnp.log(safe), -jnp.inf)",
+        "  return out / safe[..., None], jnp.where(total > 0, m_safe - jnp.log(safe), -jnp.inf)",
+        "merge_lse returns max - log(sum) as the merged LSE: HyperAttention's recursion weighs its halves "
+        "wrongly",
+        (f"{_SPARSE_MECH}::test_fast_form_matches_its_oracle_values_and_gradients[hyper_causal]",)),
+    Mutant(
+        "landmark-retrieves-own-block", "dynamic_sparse", "attn_jax/mechanisms/sparse_common.py",
+        "    earlier = jnp.arange(nb) < i",
+        "    earlier = jnp.arange(nb) <= i",
+        "landmark / superlinear retrieval counts the query's own block among the earlier blocks (off by "
+        "one): it is gated twice and its future keys are visible",
+        (f"{_SPARSE_MECH}::test_fast_form_matches_its_oracle_values_and_gradients[landmark_retrieve]",)),
+    Mutant(
+        "dma-ties-go-to-earlier-keys", "dynamic_sparse", "attn_jax/mechanisms/dynamic_mask.py",
+        "  return (v1 > v2) | ((v1 == v2) & (p1 > p2))",
+        "  return (v1 > v2) | ((v1 == v2) & (p1 < p2))",
+        "Dynamic Mask Attention's threshold breaks bias ties towards earlier keys instead of recent ones",
+        (f"{_SPARSE_MECH}::test_dynamic_mask_with_zero_bias_is_a_sliding_window",)),
+    Mutant(
+        "dma-block-list-from-last-row", "dynamic_sparse", "attn_jax/mechanisms/dynamic_mask.py",
+        "  p0 = jnp.minimum(jnp.arange(nq) * block_size + offset, tk - 1)",
+        "  p0 = jnp.minimum(jnp.arange(nq) * block_size + offset + block_size - 1, tk - 1)",
+        "DMA's block lists use the last row's threshold (the highest of the block): key blocks kept only by "
+        "the block's earlier rows are skipped",
+        (f"{_SPARSE_MECH}::test_dynamic_mask_visits_only_blocks_with_kept_keys",
+         f"{_SPARSE_MECH}::test_fast_form_matches_its_oracle_values_and_gradients[dynamic_mask]")),
+    Mutant(
+        "cca-core-tile-full-if-any-query-sees", "dynamic_sparse", "attn_jax/mechanisms/core_context.py",
+        "    core_must = ((c_hi + 1) * g + (w - 1) <= q_lo)",
+        "    core_must = ((c_hi + 1) * g + (w - 1) <= q_hi)",
+        "Core Context block bounds mark a core tile FULL when its last query (not every query) may see "
+        "every core",
+        (f"{_SPARSE_MECH}::test_fast_form_matches_its_oracle_values_and_gradients[core_context]",)),
+    Mutant(
+        "dhsa-budget-off-by-one", "dynamic_sparse", "attn_jax/mechanisms/dhsa.py",
+        "    return logits, rank < budget",
+        "    return logits, rank <= budget",
+        "DHSA keeps budget + 1 keys per query",
+        (f"{_SPARSE_MECH}::test_fast_form_matches_its_oracle_values_and_gradients[dhsa]",)),
+    Mutant(
+        "routing-keys-routed-by-queries", "dynamic_sparse", "attn_jax/mechanisms/routing.py",
+        "  mq, mk = _members(rq, centroids, cluster_size), _members(rk, centroids, cluster_size)",
+        "  mq, mk = _members(rq, centroids, cluster_size), _members(rq, centroids, cluster_size)",
+        "Routing Transformer assigns keys to clusters by their queries' routing vectors",
+        (f"{_SPARSE_MECH}::test_fast_form_matches_its_oracle_values_and_gradients[routing_local_heads]",)),
+    Mutant(
+        "routing-centroid-update-ignores-keys", "dynamic_sparse", "attn_jax/mechanisms/routing.py",
+        "  vecs = jnp.concatenate([rq, rk], axis=2)",
+        "  vecs = rq",
+        "the Routing Transformer's online k-means step updates the centroids from the queries only",
+        (f"{_SPARSE_MECH}::test_routing_centroid_update_is_one_online_kmeans_step",)),
+    Mutant(
+        "recycled-selection-of-first-head", "dynamic_sparse", "attn_jax/mechanisms/recycled.py",
+        "    group_p = p.reshape(b, hkv, g, total).sum(2)                                          # [B, Hkv, T]",
+        "    group_p = p.reshape(b, hkv, g, total)[:, :, 0]                                        # [B, Hkv, T]",
+        "Recycled Attention picks a GQA group's recycled keys from its first query head's attention "
+        "instead of the group's",
+        ("tests/mechanisms/test_sparse_mechanisms.py::test_recycled_decoding_matches_its_oracle",)),
     # ---------------------------------------------------------------- sharding
     Mutant(
         "sharding-sequence-axis-unused", "sharding", "attn_jax/sharding.py",

@@ -17,7 +17,7 @@ from tests.mutation import runner
 
 # Every kernel and backend family has mutants (issue 18); a new family adds its name here.
 FAMILIES = {"pallas_tpu", "pallas_gpu", "pallas_adapter", "xla", "cudnn", "block_mask", "masks", "linear_xla",
-            "linear_kernels", "neighborhood", "mechanisms", "decoding", "sharding", "benchmark"}
+            "linear_kernels", "neighborhood", "mechanisms", "dynamic_sparse", "decoding", "sharding", "benchmark"}
 QUICK = [m.name for m in catalogue.MUTANTS if m.quick]
 _BY_NAME = {m.name: m for m in catalogue.MUTANTS}
 
