@@ -26,7 +26,7 @@ class BlockTopKConfig(registry.MixerConfig):
   Attributes:
     block_size: tokens per query and key block (the kernels' tiles; a power of two >= 16 for the
       Pallas GPU kernel).
-    top_k: key blocks kept per query block on top of its own (at most the number of blocks).
+    top_k: key blocks kept per query block on top of its own (capped at the number of blocks).
   """
 
   block_size: int = 64
@@ -47,9 +47,8 @@ class BlockTopKAttention(common.SparseAttention):
 
   def attend(self, q, k, v, **unused):
     c = self.config
-    blocks = -(-k.shape[1] // c.block_size)
-    common.check_fits(c, "top_k", c.top_k, blocks, f"the number of key blocks ceil({k.shape[1]} / {c.block_size})")
-    return attn_jax.topk_block_attention(q, k, v, block_size=c.block_size, top_k=c.top_k, causal=c.causal,
+    top_k = min(c.top_k, -(-k.shape[1] // c.block_size))  # more blocks than exist: all of them
+    return attn_jax.topk_block_attention(q, k, v, block_size=c.block_size, top_k=top_k, causal=c.causal,
                                          implementation=c.implementation)
 
 

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import attn_jax
+from attn_jax import masks as masks_lib
 from attn_jax import mechanisms
 from attn_jax.layers import registry
 from attn_jax.layers.mixers import common
@@ -69,6 +71,8 @@ class LandmarkAttention(common.SparseAttention):
   def attend(self, q, k, v, *, x, positions, **unused):
     c = self.config
     nb = q.shape[1] // c.block_size
+    if nb == 0:  # no complete block: the grouped softmax is over the own (partial) block alone
+      return attn_jax.attention(q, k, v, mask=masks_lib.causal())
     top_k = None if c.top_k is None else min(c.top_k, nb)
     return mechanisms.landmark_attention(q, k, v, self.landmark_keys(x, positions), block_size=c.block_size,
                                          top_k=top_k)
