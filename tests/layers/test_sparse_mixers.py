@@ -87,6 +87,7 @@ def test_layer_equals_its_mechanism_oracle(name):
     assert float(jnp.abs(got - dense).max()) > 1e-3, f"{name}: equals dense attention at these sizes"
 
 
+@pytest.mark.slow  # ~15 s on the shared CI machine: a second compile of the HyperAttention recursion
 def test_hyper_pads_a_causal_length_the_recursion_cannot_halve():
   layer = _layer("hyper", num_heads=2, block_size=4, sample_size=3, min_seq_len=4)
   t, pad = 13, 3
