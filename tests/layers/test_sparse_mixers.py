@@ -140,6 +140,8 @@ def test_recycled_decoding_equals_its_oracle(stride, top_k):
 def test_routing_centroids_are_ema_state_moved_in_training_and_frozen_in_eval():
   layer = _layer("routing", num_heads=2, num_clusters=2, decay=0.5)
   assert "centroids" not in nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+  # The trainers place every variable by its logical axes (replicated here).
+  assert layer.centroids.get_metadata()["logical_axes"] == (None, None, None)
   before = layer.centroids[...]
   x = _x()
   layer(x, positions=POS)
