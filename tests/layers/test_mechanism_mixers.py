@@ -199,3 +199,23 @@ def test_bad_configs_name_the_mechanism(name, fields, match):
 def test_compressed_conv_latent_width_is_checked_at_construction():
   with pytest.raises(layers.UnsupportedConfigError, match="latent head width head_dim // compression = 8 // 16 = 0"):
     _build("compressed_conv", num_heads=4, compression=16)
+
+
+@pytest.mark.parametrize("name", ["selective", "moh"])
+def test_prefill_and_decode_equal_the_full_call_with_trained_temperatures(name):
+  """At the layer, with temperatures away from their initial 1 (the registry's generic decoding
+  test runs on initial weights, where the value temperature is exactly 1)."""
+  layer = _build(name, num_heads=4, num_kv_heads=2)
+  if name == "selective":
+    _randomize(layer, ["temp_kernel", "position_scale", "value_kernel"], scale=1.0)
+  x = _x(1)
+  full = registry.split_output(layer(x, positions=_positions()))[0]
+  prompt = 5
+  cache = layer.init_cache(B, T, jnp.float32)
+  y, cache = layer.prefill(x[:, :prompt], cache)
+  outs = [y]
+  step = jax.jit(lambda x, cache, p: layer.decode(x, cache, position=p))
+  for t in range(prompt, T):
+    y, cache = step(x[:, t:t + 1], cache, jnp.int32(t))
+    outs.append(y)
+  tolerances.assert_close(jnp.concatenate(outs, axis=1), full, jnp.float32, f"{name}: decode vs full")
