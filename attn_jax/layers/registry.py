@@ -228,12 +228,15 @@ class QualityPreset:
     fields: ``Task -> {field: value}``, the entry's own fields for that task.
     default: part of the suite's CPU default (keep these cheap).
     description: one line.
+    min_heads: the fewest attention heads the preset runs with; the suite uses
+      ``max(its num_heads, min_heads)`` (MoH routes among heads, so one head cannot run it).
   """
 
   name: str
   fields: Callable[[Task], dict] = lambda task: {}
   default: bool = False
   description: str = ""
+  min_heads: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,7 +119,13 @@ def test_every_quality_preset_builds_its_cell():
     assert config.model.mixer == entry.name
     model = nnx.eval_shape(builders.model_factory(config, data.make_source(config.data, config.seed)))
     assert isinstance(model.blocks[0].mixer, entry.layer)
-    assert quality.state_floats(config) > 0, name
+    if entry.cache is None:  # no decoding yet: the suite records accuracy without a state size
+      with pytest.raises(NotImplementedError, match=f"mixer '{entry.name}' does not decode yet"):
+        quality.state_floats(config)
+    else:
+      assert quality.state_floats(config) > 0, name
+    assert config.model.num_heads == max(settings.num_heads, registry.quality_presets()[name][1].min_heads)
+  assert quality.cell_overrides(settings, "moh", 16, 1e-2)["model.num_heads"] == 4  # MoH routes heads
   with pytest.raises(ValueError, match="quality preset must be one of"):
     quality.preset_overrides("nope", settings)
 

@@ -158,7 +158,9 @@ registry.register(registry.MixerEntry(
     description="mixture-of-head attention: shared heads plus top-k routed heads per token, gated sum of "
                 "heads; load-balancing loss added to the training loss",
     paper="Jin et al. 2025, MoH: multi-head attention as mixture-of-head attention (arXiv:2410.11842)",
-    quality=(registry.QualityPreset("moh", description="MoH: num_heads // 4 shared heads, half the others routed"),),
+    quality=(registry.QualityPreset("moh", min_heads=4,
+                                    description="MoH, at least 4 heads: num_heads // 4 shared, half the others "
+                                                "routed"),),
     efficiency=(registry.EfficiencyPreset("moh (xla)", (("implementation", "xla"),),
                                           patterns=("noncausal_self", "causal_self"), default=False,
                                           quality="moh"),),
