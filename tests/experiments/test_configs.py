@@ -53,7 +53,10 @@ def test_every_mixer_and_its_fields_are_selectable_on_the_command_line():
   assert schedule.causal
   for name in layers.mixer_names():
     assert set(config.model.mixer_fields[name]) == set(layers.registry.cli_fields(name))
-    assert isinstance(builders.mixer_schedule(_parse(MQAR, f"--config.model.mixer={name}").model),
+    # MQAR's default is one head; a mixer that routes among heads (MoH) declares the heads it needs.
+    heads = max(p.min_heads for p in layers.mixer_entry(name).quality or (layers.QualityPreset(name),))
+    assert isinstance(builders.mixer_schedule(_parse(MQAR, f"--config.model.mixer={name}",
+                                                     f"--config.model.num_heads={heads}").model),
                       layers.mixer_entry(name).config)
   # Typed: tuples for per-axis sizes, bools, strings.
   config = _parse(MQAR, "--config.model.mixer=neighborhood", "--config.model.mixer_fields.neighborhood.kernel_size=(3,)",
