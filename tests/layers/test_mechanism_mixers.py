@@ -55,7 +55,7 @@ def test_every_issue_15_name_is_registered():
 
 @pytest.mark.parametrize("name,fields", [
     ("titans_mac", dict(segment_len=4, chunk_size=4)),
-    ("titans_mag", dict(window=5, chunk_size=4)),
+    pytest.param("titans_mag", dict(window=5, chunk_size=4), marks=pytest.mark.slow),
     ("titans_mal", dict(window=5, chunk_size=4, num_kv_heads=1)),
     # Miras options pass through the registry config to the memory (materialised chunk form).
     ("titans_mag", dict(window=5, chunk_size=4, objective="huber", retention="lq", memory_hidden=())),
@@ -164,7 +164,7 @@ def test_rcmha_layer_is_the_stage1_function_on_its_weights():
   tolerances.assert_close(out, layer.proj.o_proj(ref), jnp.float32, "rcmha")
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_local_linear_layer_is_the_stage1_function_on_its_weights(causal):
   layer = _build("local_linear", num_heads=4, num_kv_heads=2, ridge=0.5, causal=causal)
   x = _x()
@@ -174,7 +174,7 @@ def test_local_linear_layer_is_the_stage1_function_on_its_weights(causal):
   tolerances.assert_close(out, layer.proj.o_proj(ref), jnp.float32, "local_linear", factor=4)
 
 
-@pytest.mark.parametrize("name", ["selective", "moh"])
+@pytest.mark.parametrize("name", ["selective", pytest.param("moh", marks=pytest.mark.slow)])
 def test_segment_ids_keep_documents_apart(name):
   layer = _build(name, num_heads=4)
   x = _x()
