@@ -172,7 +172,9 @@ def _layer(mech: Mechanism, pattern: str, shape: Shape, *, reference: bool = Fal
     call = lambda layer, x, memory: layer(x, memory)
   else:
     layer = registry.build(config, dim, **kw)
-    call = lambda layer, x, memory: layer(x, positions=jnp.arange(x.shape[1])[None])
+    # The output alone (a mixer with auxiliary losses, e.g. MoH, returns MixerOutput; its loss
+    # is computed, and timed, all the same).
+    call = lambda layer, x, memory: registry.split_output(layer(x, positions=jnp.arange(x.shape[1])[None]))[0]
   graphdef, params = nnx.split(layer)
   return graphdef, params, call
 

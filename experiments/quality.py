@@ -118,7 +118,7 @@ def cell_overrides(settings: Settings, preset: str, width: int, learning_rate: f
       "model.dim": width,
       "model.mlp_dim": 2 * width,
       "model.num_layers": settings.num_layers,
-      "model.num_heads": settings.num_heads,
+      "model.num_heads": max(settings.num_heads, registry.quality_presets()[preset][1].min_heads),
       "model.implementation": settings.implementation,
       "optimizer.learning_rate": learning_rate,
       "optimizer.warmup_steps": max(1, settings.steps // 10),

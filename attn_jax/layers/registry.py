@@ -35,7 +35,8 @@ The mixer protocol (every ``layer`` implements it)::
     cache = layer.init_cache(batch, max_len, dtype)
         # The empty decoding cache for sequences of up to max_len tokens: any pytree (the
         # caches of attn_jax.layers.cache or the mixer's own registered dataclass), an instance
-        # of entry.cache. Raises ValueError if this config cannot decode (non-causal, ...).
+        # of entry.cache. Raises ValueError if this config cannot decode (non-causal, ...), and
+        # NotImplementedError naming the mechanism if it does not decode yet (entry.cache None).
 
     y, cache = layer.prefill(x, cache, **inputs)
         # The prompt x [B, T, dim] at positions 0 .. T-1 into an empty cache.
@@ -227,12 +228,15 @@ class QualityPreset:
     fields: ``Task -> {field: value}``, the entry's own fields for that task.
     default: part of the suite's CPU default (keep these cheap).
     description: one line.
+    min_heads: the fewest attention heads the preset runs with; the suite uses
+      ``max(its num_heads, min_heads)`` (MoH routes among heads, so one head cannot run it).
   """
 
   name: str
   fields: Callable[[Task], dict] = lambda task: {}
   default: bool = False
   description: str = ""
+  min_heads: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,10 @@ def test_every_mixer_and_its_fields_are_selectable_on_the_command_line():
   assert schedule.causal
   for name in layers.mixer_names():
     assert set(config.model.mixer_fields[name]) == set(layers.registry.cli_fields(name))
-    assert isinstance(builders.mixer_schedule(_parse(MQAR, f"--config.model.mixer={name}").model),
+    # MQAR's default is one head; a mixer that routes among heads (MoH) declares the heads it needs.
+    heads = max(p.min_heads for p in layers.mixer_entry(name).quality or (layers.QualityPreset(name),))
+    assert isinstance(builders.mixer_schedule(_parse(MQAR, f"--config.model.mixer={name}",
+                                                     f"--config.model.num_heads={heads}").model),
                       layers.mixer_entry(name).config)
   # Typed: tuples for per-axis sizes, bools, strings.
   config = _parse(MQAR, "--config.model.mixer=neighborhood", "--config.model.mixer_fields.neighborhood.kernel_size=(3,)",
@@ -119,11 +122,13 @@ def test_every_quality_preset_builds_its_cell():
     assert config.model.mixer == entry.name
     model = nnx.eval_shape(builders.model_factory(config, data.make_source(config.data, config.seed)))
     assert isinstance(model.blocks[0].mixer, entry.layer)
-    if entry.cache is not None:
-      assert quality.state_floats(config) > 0, name
-    else:  # No decoding form (issue 14's sparse mixers): the suite records the reason instead.
+    if entry.cache is None:  # no decoding yet: the suite records accuracy without a state size
       with pytest.raises(NotImplementedError, match=f"mixer '{entry.name}' does not decode"):
         quality.state_floats(config)
+    else:
+      assert quality.state_floats(config) > 0, name
+    assert config.model.num_heads == max(settings.num_heads, registry.quality_presets()[name][1].min_heads)
+  assert quality.cell_overrides(settings, "moh", 16, 1e-2)["model.num_heads"] == 4  # MoH routes heads
   with pytest.raises(ValueError, match="quality preset must be one of"):
     quality.preset_overrides("nope", settings)
 

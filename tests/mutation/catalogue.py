@@ -580,6 +580,44 @@ MUTANTS: tuple[Mutant, ...] = (
         "Recycled Attention picks a GQA group's recycled keys from its first query head's attention "
         "instead of the group's",
         ("tests/mechanisms/test_sparse_mechanisms.py::test_recycled_decoding_matches_its_oracle",)),
+    Mutant(
+        "selective-cache-stores-unscaled-values", "mechanisms", "attn_jax/layers/mixers/selective.py",
+        "    return self.proj.o_proj(o), cache.fill(k, vt).constrained()",
+        "    return self.proj.o_proj(o), cache.fill(k, v).constrained()",
+        "selective attention's prefill caches the values without their value temperature, so decoding "
+        "disagrees with the full call",
+        ("tests/layers/test_mechanism_mixers.py::test_prefill_and_decode_equal_the_full_call_with_trained_temperatures",)),
+    Mutant(
+        "moh-decode-ignores-gates", "mechanisms", "attn_jax/layers/mixers/moh.py",
+        "    o = (o.astype(jnp.float32) * self.gates(x).gates[..., None]).astype(q.dtype)\n",
+        "",
+        "a MoH decoding step sums every head unweighted instead of applying the token's head gates",
+        ("tests/layers/test_registry.py::test_generate_with_cache_equals_full_recomputation[moh]",)),
+    Mutant(
+        "moh-balance-loss-never-returned", "mechanisms", "attn_jax/layers/mixers/moh.py",
+        "{AUX_NAME: self.config.balance_weight * g.load_balance_loss}",
+        "{AUX_NAME: 0.0 * g.load_balance_loss}",
+        "MoH's load-balancing loss never reaches the training loss (the router is trained by the task alone)",
+        ("tests/layers/test_mechanism_mixers.py::test_moh_layer_is_the_stage1_function_and_returns_its_balance_loss",
+         "tests/layers/test_mechanism_mixers.py::test_moh_balance_loss_reaches_the_training_loss_and_the_router")),
+    Mutant(
+        "titans-mixer-ignores-miras-objective", "mechanisms", "attn_jax/layers/mixers/titans.py",
+        "chunk_size=self.chunk_size, objective=self.objective,",
+        "chunk_size=self.chunk_size, objective=\"l2\",",
+        "a Titans registry config's Miras objective (lp, Huber) is silently replaced by Titans' l2",
+        ("tests/layers/test_mechanism_mixers.py::test_titans_layer_is_the_stage1_block_on_its_weights",)),
+    Mutant(
+        "rcmha-mixer-not-causal", "mechanisms", "attn_jax/layers/mixers/rcmha.py",
+        "    self.mask = masks_lib.causal()",
+        "    self.mask = masks_lib.full()",
+        "the RCMHA layer attends to future tokens",
+        ("tests/layers/test_mechanism_mixers.py::test_rcmha_layer_is_the_stage1_function_on_its_weights",)),
+    Mutant(
+        "local-linear-mixer-ignores-ridge", "mechanisms", "attn_jax/layers/mixers/local_linear.py",
+        "ridge=float(self.config.ridge)",
+        "ridge=1.0",
+        "the local linear attention layer ignores its config's ridge (lambda)",
+        ("tests/layers/test_mechanism_mixers.py::test_local_linear_layer_is_the_stage1_function_on_its_weights",)),
     # ---------------------------------------------------------------- sharding
     Mutant(
         "sharding-sequence-axis-unused", "sharding", "attn_jax/sharding.py",
