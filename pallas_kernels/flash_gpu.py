@@ -1,8 +1,9 @@
 """Block-sparse flash attention for GPU (Pallas, Triton dialect), forward and backward.
 
 Works in the public ``[B, T, H, D]`` layout (tiles are strided loads, no transposes). Each program
-owns one tile of rows and walks its BlockMask list with a dynamic-length ``fori_loop``, loading
-exactly the listed blocks from the full-sequence K/V (or Q/dO) refs:
+owns one tile of rows and walks its BlockMask row (:class:`pallas_kernels.flash_common.Lists`,
+compressed sparse rows) with a dynamic-length ``fori_loop``, loading exactly the listed blocks
+from the full-sequence K/V (or Q/dO) refs:
 
 * forward: grid ``(nq, B, Hq)``; online softmax in registers; writes O and the LSE.
 * dQ: grid ``(nq, B, Hq)`` over the same lists.
@@ -64,8 +65,14 @@ def _visibility(mask: fc.MaskSpec, masked, tile, q_idx, kv_idx, head, seg, shape
   return vis
 
 
-def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
-                     scale: float, soft_cap, block_q: int, block_kv: int, has_sinks: bool,
+def _row_range(hmap_ref, ptr_ref, head, row, n_rows):
+  """``[start, end)`` of ``row``'s entries in the list of (local) query head ``head``."""
+  base = hmap_ref[head] * (n_rows + 1) + row
+  return ptr_ref[base], ptr_ref[base + 1]
+
+
+def flash_fwd_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
+                     scale: float, soft_cap, block_q: int, block_kv: int, n_rows: int, has_sinks: bool,
                      has_segments: bool, record):
   refs = list(refs)
   q_ref, k_ref, v_ref = refs[:3]
@@ -76,7 +83,6 @@ def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
   o_ref, lse_ref = rest
 
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  hm = h if mask.per_head else 0
   bq, bk = block_q, block_kv
   q = q_ref[...]
   dv = o_ref.shape[-1]
@@ -92,7 +98,7 @@ def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
   head = off_ref[0] + h
 
   def body(t, carry):
-    j = idx_ref[hm, i, t]
+    j = idx_ref[t]
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
@@ -103,7 +109,7 @@ def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
       s, _ = _logits(q, k, scale, soft_cap)
       kv_idx = (start + lax.iota(jnp.int32, bk))[None, :]
       seg = (qseg[:, None] == kvseg_ref[pl.ds(start, bk)][None, :]) if has_segments else None
-      tile = tiles_ref[tid_ref[hm, i, t]] if (masked and mask.use_tiles) else None
+      tile = tiles_ref[tid_ref[t]] if (masked and mask.use_tiles) else None
       vis = _visibility(mask, masked, tile, q_idx, kv_idx, head, seg, (bq, bk))
       if vis is None:
         m_new = jnp.maximum(m_prev, s.max(axis=1))
@@ -115,9 +121,9 @@ def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
       pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
       return m_new, alpha * l_prev + p.sum(axis=1), alpha[:, None] * acc + pv
 
-    return _select(mask, kind_ref[hm, i, t], update, carry)
+    return _select(mask, kind_ref[t], update, carry)
 
-  m, l, acc = lax.fori_loop(0, cnt_ref[hm, i], body, (m0, l0, acc0))
+  m, l, acc = lax.fori_loop(*_row_range(hmap_ref, ptr_ref, h, i, n_rows), body, (m0, l0, acc0))
   positive = l > 0
   safe = jnp.where(positive, l, 1.0)
   o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
@@ -128,9 +134,8 @@ def _full(shape):
   return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _schedule_specs(sched: fc.Schedule, transposed: bool):
-  arrays = ([sched.q_indices, sched.q_kinds, sched.q_counts, sched.q_tile_ids] if transposed else
-            [sched.kv_indices, sched.kv_kinds, sched.kv_counts, sched.kv_tile_ids])
+def _schedule_specs(lists: fc.Lists):
+  arrays = list(lists)
   return arrays, [_full(a.shape) for a in arrays]
 
 
@@ -138,11 +143,13 @@ def _params(num_warps, num_stages):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def flash_fwd(q, k, v, sinks, q_seg, kv_seg, head_offset, sched: fc.Schedule, *,
+def flash_fwd(q, k, v, sinks, q_seg, kv_seg, head_offset, rows: fc.Lists, tiles, *,
               mask: fc.MaskSpec, scale: float, soft_cap, block_q: int, block_kv: int,
               interpret: bool, record: Callable | None = None, num_warps: int = 4,
               num_stages: int = 2):
-  """Forward pass; same contract as :func:`pallas_kernels.flash_tpu.flash_fwd`.
+  """Forward pass; same contract as :func:`pallas_kernels.flash_tpu.flash_fwd`, with the BlockMask
+  rows as :class:`~pallas_kernels.flash_common.Lists` (``head_map`` over the local heads) and the
+  ``[U, block_q, block_kv]`` tile table.
 
   ``Tq``/``Tk`` must be multiples of the blocks, head dims powers of two >= 16.
   """
@@ -150,7 +157,7 @@ def flash_fwd(q, k, v, sinks, q_seg, kv_seg, head_offset, sched: fc.Schedule, *,
   _, tk, hkv, dv = v.shape
   group = hq // hkv
   bq, bk = block_q, block_kv
-  arrays, specs = _schedule_specs(sched, False)
+  arrays, specs = _schedule_specs(rows)
   in_specs = specs + [_full((1,)),
                       pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
                       pl.BlockSpec((None, tk, None, d), lambda i, bi, h: (bi, 0, h // group, 0)),
@@ -164,10 +171,10 @@ def flash_fwd(q, k, v, sinks, q_seg, kv_seg, head_offset, sched: fc.Schedule, *,
                  pl.BlockSpec((None, tk), lambda i, bi, h: (bi, 0))]
     args += [q_seg, kv_seg]
   if mask.use_tiles:
-    in_specs.append(_full(sched.tiles.shape))
-    args.append(sched.tiles)
+    in_specs.append(_full(tiles.shape))
+    args.append(tiles)
   kernel = functools.partial(flash_fwd_kernel, mask=mask, scale=scale, soft_cap=soft_cap,
-                             block_q=bq, block_kv=bk, has_sinks=sinks is not None,
+                             block_q=bq, block_kv=bk, n_rows=tq // bq, has_sinks=sinks is not None,
                              has_segments=q_seg is not None, record=record if interpret else None)
   o, lse = pl.pallas_call(
       kernel,
@@ -184,8 +191,9 @@ def flash_fwd(q, k, v, sinks, q_seg, kv_seg, head_offset, sched: fc.Schedule, *,
   return o, lse.transpose(0, 2, 1)
 
 
-def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
-                    scale: float, soft_cap, block_q: int, block_kv: int, has_segments: bool, record):
+def flash_dq_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
+                    scale: float, soft_cap, block_q: int, block_kv: int, n_rows: int,
+                    has_segments: bool, record):
   refs = list(refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   rest = refs[6:]
@@ -194,7 +202,6 @@ def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: f
   (dq_ref,) = rest
 
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  hm = h if mask.per_head else 0
   bq, bk = block_q, block_kv
   q = q_ref[...]
   do = do_ref[...]
@@ -205,7 +212,7 @@ def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: f
   head = off_ref[0] + h
 
   def body(t, acc):
-    j = idx_ref[hm, i, t]
+    j = idx_ref[t]
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
@@ -215,7 +222,7 @@ def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: f
       s, th = _logits(q, k, scale, soft_cap)
       kv_idx = (start + lax.iota(jnp.int32, bk))[None, :]
       seg = (qseg[:, None] == kvseg_ref[pl.ds(start, bk)][None, :]) if has_segments else None
-      tile = tiles_ref[tid_ref[hm, i, t]] if (masked and mask.use_tiles) else None
+      tile = tiles_ref[tid_ref[t]] if (masked and mask.use_tiles) else None
       vis = _visibility(mask, masked, tile, q_idx, kv_idx, head, seg, (bq, bk))
       p = jnp.exp(s - lse)
       if vis is not None:
@@ -226,14 +233,14 @@ def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: f
         ds = ds * (1.0 - th * th)
       return acc + scale * lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
 
-    return _select(mask, kind_ref[hm, i, t], update, acc)
+    return _select(mask, kind_ref[t], update, acc)
 
-  acc = lax.fori_loop(0, cnt_ref[hm, i], body, jnp.zeros(q.shape, jnp.float32))
+  acc = lax.fori_loop(*_row_range(hmap_ref, ptr_ref, h, i, n_rows), body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = acc.astype(dq_ref.dtype)
 
 
-def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
-                     scale: float, soft_cap, block_q: int, block_kv: int, group: int,
+def flash_dkv_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
+                     scale: float, soft_cap, block_q: int, block_kv: int, n_rows: int, group: int,
                      has_segments: bool, record):
   refs = list(refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
@@ -251,11 +258,10 @@ def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
 
   def head_body(g, accs):
     h = hk * group + g
-    hm = h if mask.per_head else 0
     head = off_ref[0] + h
 
     def body(t, accs):
-      i = idx_ref[hm, j, t]
+      i = idx_ref[t]
       start = pl.multiple_of(i * bq, bq)
       q = q_ref[pl.ds(start, bq), h, :]
       do = do_ref[pl.ds(start, bq), h, :]
@@ -268,7 +274,7 @@ def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
         s, th = _logits(k, q, scale, soft_cap)  # [bk, bq]
         q_idx = (start + lax.iota(jnp.int32, bq))[None, :]
         seg = (kvseg[:, None] == qseg_ref[pl.ds(start, bq)][None, :]) if has_segments else None
-        tile = tiles_ref[tid_ref[hm, j, t]] if (masked and mask.use_tiles) else None
+        tile = tiles_ref[tid_ref[t]] if (masked and mask.use_tiles) else None
         vis = _visibility(mask, masked, tile, q_idx, kv_idx, head, seg, (bk, bq))
         p = jnp.exp(s - lse)
         if vis is not None:
@@ -281,9 +287,9 @@ def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
         dk = dk + scale * lax.dot_general(ds.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32)
         return dk, dv
 
-      return _select(mask, kind_ref[hm, j, t], update, accs)
+      return _select(mask, kind_ref[t], update, accs)
 
-    return lax.fori_loop(0, cnt_ref[hm, j], body, accs)
+    return lax.fori_loop(*_row_range(hmap_ref, ptr_ref, h, j, n_rows), body, accs)
 
   dk, dv = lax.fori_loop(0, group, head_body,
                          (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
@@ -291,11 +297,12 @@ def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, delta, *,
-              mask: fc.MaskSpec, scale: float, soft_cap, block_q: int, block_kv: int,
+def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, rows: fc.Lists, cols: fc.Lists, tiles, lse, do,
+              delta, *, mask: fc.MaskSpec, scale: float, soft_cap, block_q: int, block_kv: int,
               interpret: bool, record: Callable | None = None, num_warps: int = 4,
               num_stages: int = 2):
-  """Backward pass; same contract as :func:`pallas_kernels.flash_tpu.flash_bwd`."""
+  """Backward pass; same contract as :func:`pallas_kernels.flash_tpu.flash_bwd`, with the BlockMask
+  rows and columns as :class:`~pallas_kernels.flash_common.Lists`."""
   b, tq, hq, d = q.shape
   _, tk, hkv, dv = v.shape
   group = hq // hkv
@@ -305,7 +312,7 @@ def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, 
   delta_t = delta.transpose(0, 2, 1)
   record = record if interpret else None
 
-  arrays, specs = _schedule_specs(sched, False)
+  arrays, specs = _schedule_specs(rows)
   in_specs = specs + [_full((1,)),
                       pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
                       pl.BlockSpec((None, tk, None, d), lambda i, bi, h: (bi, 0, h // group, 0)),
@@ -319,11 +326,11 @@ def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, 
                  pl.BlockSpec((None, tk), lambda i, bi, h: (bi, 0))]
     args += [q_seg, kv_seg]
   if mask.use_tiles:
-    in_specs.append(_full(sched.tiles.shape))
-    args.append(sched.tiles)
+    in_specs.append(_full(tiles.shape))
+    args.append(tiles)
   dq = pl.pallas_call(
       functools.partial(flash_dq_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=bq,
-                        block_kv=bk, has_segments=has_segments, record=record),
+                        block_kv=bk, n_rows=tq // bq, has_segments=has_segments, record=record),
       grid=(tq // bq, b, hq),
       in_specs=in_specs,
       out_specs=pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
@@ -333,7 +340,7 @@ def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, 
       name="flash_dq_gpu",
   )(*args)
 
-  arrays, specs = _schedule_specs(sched, True)
+  arrays, specs = _schedule_specs(cols)
   in_specs = specs + [_full((1,)),
                       pl.BlockSpec((None, tq, hq, d), lambda j, bi, hk: (bi, 0, 0, 0)),
                       pl.BlockSpec((None, bk, None, d), lambda j, bi, hk: (bi, j, hk, 0)),
@@ -347,12 +354,12 @@ def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, 
                  pl.BlockSpec((None, bk), lambda j, bi, hk: (bi, j))]
     args += [q_seg, kv_seg]
   if mask.use_tiles:
-    tiles_t = sched.tiles.swapaxes(1, 2)
+    tiles_t = tiles.swapaxes(1, 2)
     in_specs.append(_full(tiles_t.shape))
     args.append(tiles_t)
   dk, dv_ = pl.pallas_call(
       functools.partial(flash_dkv_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=bq,
-                        block_kv=bk, group=group, has_segments=has_segments, record=record),
+                        block_kv=bk, n_rows=tk // bk, group=group, has_segments=has_segments, record=record),
       grid=(tk // bk, b, hkv),
       in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, bi, hk: (bi, j, hk, 0)),

@@ -86,4 +86,5 @@ def test_neighborhood_predicate_lowers_in_kernel(platform):
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(
       lowering_platforms=("tpu" if platform == "tpu" else "cuda",)).as_text()
   marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
-  assert len(re.findall(re.escape(marker) + r"\b", text)) == 3
+  # Forward, then dQ and dK/dV (one fused backward kernel on TPU).
+  assert len(re.findall(re.escape(marker) + r"\b", text)) == (2 if platform == "tpu" else 3)
