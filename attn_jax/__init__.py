@@ -9,12 +9,16 @@ Public API::
 """
 
 from attn_jax import block_mask
+from attn_jax import context_parallel
 from attn_jax import dispatch
+from attn_jax import inspect
 from attn_jax import masks
 from attn_jax import mechanisms
 from attn_jax import neighborhood
 from attn_jax import sharding
 from attn_jax.block_mask import BlockMask, make_block_mask
+from attn_jax.context_parallel.config import ContextParallel
+from attn_jax.diagnostics import Explanation, explain
 from attn_jax.linear import feature_maps as linear_feature_maps
 from attn_jax.linear.api import linear_attention, linear_attention_step
 from attn_jax.linear.pallas import PallasGpuConfig as LinearPallasGpuConfig
@@ -23,22 +27,30 @@ from attn_jax.linear.xla import XlaConfig as LinearXlaConfig
 from attn_jax.neighborhood.api import NeighborhoodConfig, neighborhood_attention
 from attn_jax.neighborhood.mask import NeighborhoodMask
 from attn_jax.softmax.api import attention
-from attn_jax.softmax.pallas import PallasGpuConfig, PallasTpuConfig
+from attn_jax.softmax.cudnn import CudnnConfig
+from attn_jax.softmax.pallas import PallasGpuConfig, PallasGpuLaunch, PallasTpuConfig
 from attn_jax.softmax.xla import XlaConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "explain",
+    "Explanation",
     "masks",
     "block_mask",
     "dispatch",
+    "inspect",
     "sharding",
     "BlockMask",
     "make_block_mask",
+    "context_parallel",
+    "ContextParallel",
     "XlaConfig",
     "PallasTpuConfig",
     "PallasGpuConfig",
+    "CudnnConfig",
+    "PallasGpuLaunch",
     "neighborhood",
     "neighborhood_attention",
     "NeighborhoodMask",

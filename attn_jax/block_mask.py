@@ -134,9 +134,14 @@ class BlockMask:
     return int(self._per_mask_counts()[0][self.head_to_mask].sum())
 
   @property
+  def num_tiles(self) -> int:
+    """Number of (head, query block, key block) tiles, empty ones included (``Hm * nq * nk``)."""
+    return self.num_heads * self.num_q_blocks * self.num_kv_blocks
+
+  @property
   def density(self) -> float:
     """Fraction of tiles visited."""
-    return self.num_nonempty / (self.num_heads * self.num_q_blocks * self.num_kv_blocks)
+    return self.num_nonempty / self.num_tiles
 
   @property
   def nbytes(self) -> int:
@@ -293,11 +298,17 @@ def from_kinds(kinds: np.ndarray, *, q_len: int, kv_len: int, block_q: int, bloc
     raise ValueError(f"kinds must have shape [Hm, {expected[0]}, {expected[1]}], got {kinds.shape}")
   if not np.isin(kinds, (EMPTY, PARTIAL, FULL)).all():
     raise ValueError(f"kinds must hold only EMPTY, PARTIAL and FULL ({EMPTY}, {PARTIAL}, {FULL})")
+  return _from_dense_kinds(mask, q_len, kv_len, block_q, block_kv, kinds)
+
+
+def _from_dense_kinds(mask, q_len, kv_len, block_q, block_kv, kinds, keys=None) -> BlockMask:
+  """BlockMask of a dense ``[Hm, nq, nk]`` classification, one structure per distinct head
+  (``keys``: optional bytes per head that must also agree for two heads to share one)."""
   structures = []
   for h in range(kinds.shape[0]):
     rows, cols = np.nonzero(kinds[h])
     structures.append((rows.astype(np.int32), cols.astype(np.int32), kinds[h, rows, cols].astype(np.int8)))
-  unique, which = _dedupe(structures)
+  unique, which = _dedupe(structures, keys)
   if kinds.shape[0] == 1:
     which = np.zeros(1, np.int32)
   return _assemble(mask, q_len, kv_len, block_q, block_kv, unique, which)
@@ -525,6 +536,7 @@ def make_block_mask(mask: masks_lib.Mask | None, q_len: int, kv_len: int, block_
   if mask.depends_on_head:
     if num_heads is None or num_heads < 1:
       raise ValueError(f"num_heads is required for the head-dependent mask {mask!r}, got {num_heads!r}")
+    masks_lib.check_heads(mask, int(num_heads))
     masks_lib.check_num_heads(mask, int(num_heads))
   else:
     num_heads = None
@@ -536,6 +548,8 @@ def make_block_mask(mask: masks_lib.Mask | None, q_len: int, kv_len: int, block_
 def _make_block_mask_cached(mask, q_len, kv_len, block_q, block_kv, num_heads) -> BlockMask:
   ctx = masks_lib.MaskContext(q_len, kv_len)
   mask.validate(ctx)
+  if isinstance(mask, masks_lib.ArrayMask):
+    return _from_dense_array(mask, q_len, kv_len, block_q, block_kv, num_heads)
   args = (q_len, kv_len, block_q, block_kv)
   if num_heads is None:
     return _assemble(mask, *args, [_structure(mask, *args)], np.zeros(1, np.int32))
@@ -626,3 +640,28 @@ def partial_tiles(bm: BlockMask) -> PartialTiles:
   result = PartialTiles(_frozen(np.stack(tiles)), _frozen(kv_ids), _frozen(q_ids))
   bm._cache["partial_tiles"] = result
   return result
+
+
+def _from_dense_array(mask: masks_lib.ArrayMask, q_len: int, kv_len: int, block_q: int, block_kv: int,
+                      num_heads: int | None) -> BlockMask:
+  """The BlockMask of a :func:`attn_jax.masks.from_array` mask, by block-reduced any / all.
+
+  The array is padded to whole tiles and viewed as ``[Hm, nq, block_q, nk, block_kv]``; a tile is
+  non-empty if any valid entry is visible and FULL if all are and it has no padded column. Padded
+  query rows count as visible for "all" and invisible for "any" (they are don't-care rows).
+  """
+  array = mask.array if mask.array.ndim == 3 else mask.array[None]
+  if num_heads is not None:
+    masks_lib.check_heads(mask, num_heads)
+  hm = array.shape[0]
+  nq, nk = _cdiv(q_len, block_q), _cdiv(kv_len, block_kv)
+  visible = np.zeros((hm, nq * block_q, nk * block_kv), bool)
+  visible[:, :q_len, :kv_len] = array
+  any_ = visible.reshape(hm, nq, block_q, nk, block_kv).any(axis=(2, 4))
+  visible[:, q_len:, :kv_len] = True
+  all_ = visible.reshape(hm, nq, block_q, nk, block_kv).all(axis=(2, 4))
+  kinds = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY)).astype(np.int32)
+  # Heads with one block structure may still differ inside PARTIAL tiles (which kernels read as
+  # precomputed tiles): only heads with equal arrays share a structure.
+  keys = [array[h].tobytes() for h in range(hm)] if hm > 1 else None
+  return _from_dense_kinds(mask, q_len, kv_len, block_q, block_kv, kinds, keys)

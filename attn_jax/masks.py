@@ -47,6 +47,7 @@ __all__ = [
     "block_layout",
     "from_fn",
     "per_head",
+    "from_array",
 ]
 
 
@@ -366,21 +367,37 @@ class SlidingWindow(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class SinkTokens(Mask):
+  """The first ``n`` keys; with ``causal`` only those at or before the query's position."""
+
   n: int
+  causal: bool = True
+  offset: int | None = None
+
+  def _offset(self, ctx):
+    return ctx.default_offset if self.offset is None else self.offset
 
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
-    return (kv_idx < self.n) & _true_like(q_idx, kv_idx)
+    visible = (kv_idx < self.n) & _true_like(q_idx, kv_idx)
+    if self.causal:
+      visible = visible & (kv_idx <= q_idx + self._offset(ctx))
+    return visible
 
   def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
     shape = np.broadcast_shapes(np.shape(q_lo), np.shape(k_lo))
-    return np.broadcast_to(k_lo < self.n, shape), np.broadcast_to(k_hi < self.n, shape)
+    may, must = k_lo < self.n, k_hi < self.n
+    if self.causal:
+      o = self._offset(ctx)
+      may, must = may & (k_lo <= q_hi + o), must & (k_hi <= q_lo + o)
+    return np.broadcast_to(may, shape), np.broadcast_to(must, shape)
 
   def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx):
     # Every row sees the same keys, so a block straddling key n is exactly partial.
     return True
 
   def __repr__(self):
-    return f"sink_tokens({self.n})"
+    if not self.causal:
+      return f"sink_tokens({self.n}, causal=False)"
+    return f"sink_tokens({self.n})" if self.offset is None else f"sink_tokens({self.n}, offset={self.offset})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,7 +433,8 @@ class PrefixLM(Mask):
   offset: int | None = None
 
   def _parts(self):
-    return SinkTokens(self.prefix_len) | Causal(self.offset)
+    # The prefix is bidirectional: its queries see all of it, later keys of the prefix included.
+    return SinkTokens(self.prefix_len, causal=False) | Causal(self.offset)
 
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
     return self._parts().evaluate(q_idx, kv_idx, head, ctx, xp)
@@ -500,7 +518,18 @@ class FromFn(Mask):
     return self.with_head
 
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
-    out = self.fn(q_idx, kv_idx, head) if self.with_head else self.fn(q_idx, kv_idx)
+    try:
+      out = self.fn(q_idx, kv_idx, head) if self.with_head else self.fn(q_idx, kv_idx)
+    except Exception as e:
+      if not _is_tracer_error(e):
+        raise
+      name = self.name or getattr(self.fn, "__name__", "fn")
+      raise ValueError(
+          f"the from_fn mask function {name!r} failed on JAX arrays ({type(e).__name__}). Backends "
+          f"evaluate masks inside jit with traced JAX index arrays, so the function must not index a "
+          f"NumPy array or convert its arguments to NumPy or Python values. For a dense boolean mask "
+          f"use masks.from_array(mask_array); for a lookup table, capture jnp.asarray(table) and "
+          f"use jnp functions or operators.") from e
     return out & _true_like(q_idx, kv_idx)
 
   def __repr__(self):
@@ -631,6 +660,113 @@ def _instantiate(template, values):
   for name, sub in children.items():
     object.__setattr__(out, name, _instantiate(getattr(template, name), sub))
   return out
+def _is_tracer_error(e: Exception) -> bool:
+  """True for JAX's errors about converting a tracer to a NumPy array or a Python value."""
+  import sys
+  if "jax" not in sys.modules:  # No tracer can exist before jax is imported.
+    return False
+  import jax
+  return isinstance(e, (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+                        jax.errors.TracerIntegerConversionError))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArrayMask(Mask):
+  """A dense boolean mask ``[q_len, kv_len]``, or ``[num_heads, q_len, kv_len]`` per query head."""
+
+  array: np.ndarray
+
+  in_kernel = False
+
+  def __post_init__(self):
+    array = self.array
+    if not isinstance(array, np.ndarray):
+      if hasattr(array, "shape") and hasattr(array, "dtype") and _is_tracer_like(array):
+        raise ValueError("from_array needs a concrete array (its BlockMask is built on the host); got a "
+                         "traced JAX array. Build the mask outside jit, or use segment ids for "
+                         "data-dependent document masks.")
+      array = np.asarray(array)
+    if array.ndim not in (2, 3):
+      raise ValueError(f"array must be a boolean [q_len, kv_len] or [num_heads, q_len, kv_len] array, got "
+                       f"shape {array.shape}")
+    if array.dtype != bool:
+      if not np.isin(array, (0, 1)).all():
+        raise ValueError(f"array must be boolean (or 0/1), got dtype {array.dtype} with other values")
+      array = array.astype(bool)
+    if min(array.shape) < 1:
+      raise ValueError(f"array must not be empty, got shape {array.shape}")
+    if array.ndim == 3 and array.shape[0] == 1:
+      array = array[0]
+    array = np.array(array, copy=True)
+    array.setflags(write=False)
+    object.__setattr__(self, "array", array)
+    # Jit caches hash their static arguments on every call: hash the bytes once.
+    object.__setattr__(self, "_hash", hash((array.shape, array.tobytes())))
+
+  @property
+  def depends_on_head(self):
+    return self.array.ndim == 3
+
+  @property
+  def num_heads(self) -> int | None:
+    """Number of query heads of a per-head array, None for a head-independent one."""
+    return self.array.shape[0] if self.array.ndim == 3 else None
+
+  def __eq__(self, other):
+    if self is other:
+      return True
+    return (isinstance(other, ArrayMask) and self._hash == other._hash
+            and self.array.shape == other.array.shape and bool((self.array == other.array).all()))
+
+  def __hash__(self):
+    return self._hash
+
+  def validate(self, ctx):
+    if self.array.shape[-2:] != (ctx.q_len, ctx.kv_len):
+      raise ValueError(f"from_array mask of shape {self.array.shape} does not match q_len={ctx.q_len}, "
+                       f"kv_len={ctx.kv_len}: expected [..., {ctx.q_len}, {ctx.kv_len}]")
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    table = self.array if xp is np else xp.asarray(self.array)
+    q_len, kv_len = self.array.shape[-2:]
+    # Backends evaluate padded tiles (rows past q_len, columns past kv_len) and discard those
+    # positions afterwards; clipping keeps the lookup in range.
+    q_idx = xp.minimum(q_idx, q_len - 1)
+    kv_idx = xp.minimum(kv_idx, kv_len - 1)
+    if self.array.ndim == 2:
+      return table[q_idx, kv_idx]
+    if head is None:
+      raise ValueError(f"the per-head from_array mask of shape {self.array.shape} needs head indices")
+    return table[xp.minimum(head, self.array.shape[0] - 1), q_idx, kv_idx]
+
+  def __repr__(self):
+    return f"from_array(<{'x'.join(map(str, self.array.shape))}>)"
+
+
+def _is_tracer_like(x) -> bool:
+  import sys
+  if "jax" not in sys.modules:
+    return False
+  import jax
+  return isinstance(x, getattr(jax.core, "Tracer", ()))
+
+
+def submasks(mask: Mask):
+  """``mask`` and every mask it is built from (depth first)."""
+  yield mask
+  if dataclasses.is_dataclass(mask):
+    for field in dataclasses.fields(mask):
+      value = getattr(mask, field.name)
+      if isinstance(value, Mask):
+        yield from submasks(value)
+
+
+def check_heads(mask: Mask, num_heads: int) -> None:
+  """ValueError if a per-head :func:`from_array` inside ``mask`` has another number of heads."""
+  for sub in submasks(mask):
+    if isinstance(sub, ArrayMask) and sub.num_heads not in (None, num_heads):
+      raise ValueError(f"from_array mask has {sub.num_heads} heads but the call has {num_heads} query "
+                       f"heads: expected an array of shape [{num_heads}, q_len, kv_len] or [q_len, kv_len]")
 
 
 def full() -> Mask:
@@ -658,12 +794,25 @@ def sliding_window(left: int, right: int = 0, offset: int | None = None) -> Mask
   return SlidingWindow(_check_int(left, "left", 0), _check_int(right, "right", 0), _check_offset(offset))
 
 
-def sink_tokens(n: int) -> Mask:
-  """The first ``n`` keys are visible to every query (StreamingLLM's attention sinks).
+def sink_tokens(n: int, *, causal: bool = True, offset: int | None = None) -> Mask:
+  """The first ``n`` keys (StreamingLLM's attention sinks), visible to every query that may see them.
 
-  Combine with a window: ``sliding_window(1023) | sink_tokens(4)``.
+  By default the sinks respect causality: query ``i`` sees key ``j`` iff ``j < n`` and
+  ``j <= i + offset`` (``offset`` aligned as in :func:`causal`), so that
+  ``sliding_window(1023) | sink_tokens(4)`` never shows the first queries a later token.
+  ``causal=False`` makes the first ``n`` keys visible to every query (for non-causal masks, e.g.
+  a bidirectional window with global tokens).
+
+  Args:
+    n: number of sink tokens (``>= 0``).
+    causal: keep only sinks at or before the query's position (default True).
+    offset: diagonal shift of the causal condition; ``None`` means ``kv_len - q_len``.
   """
-  return SinkTokens(_check_int(n, "n", 0))
+  if not isinstance(causal, (bool, np.bool_)):
+    raise ValueError(f"causal must be a bool, got {causal!r}")
+  if not causal and offset is not None:
+    raise ValueError(f"offset applies to causal sink tokens only, got offset={offset!r} with causal=False")
+  return SinkTokens(_check_int(n, "n", 0), bool(causal), _check_offset(offset))
 
 
 def chunked_causal(chunk: int, offset: int | None = None) -> Mask:
@@ -756,3 +905,531 @@ def check_num_heads(mask: Mask, num_heads: int) -> None:
   if n is not None and n != num_heads:
     raise ValueError(f"the per-head mask has {n} masks but the call has {num_heads} query heads; "
                      f"expected one mask per query head")
+# Masks for multimodal and position studies (issue 15): modality-mutual, concentric causal,
+# Video-CCAM, PINE and lookahead masks, with the position-id functions that some of them pair with.
+# All positions below are absolute key positions: query ``i`` sits at ``p = i + offset`` as for
+# ``causal`` (``offset = kv_len - q_len`` by default, 0 for self attention).
+
+__all__ += ["modality_mutual", "concentric_causal", "concentric_position_ids", "video_ccam", "pine",
+            "pine_position_ids", "lookahead"]
+
+
+def _resolve_offset(offset, ctx):
+  return ctx.default_offset if offset is None else offset
+
+
+class _RangeTable:
+  """Range minimum and maximum of a fixed 1-D integer array in O(1) per query (sparse table).
+
+  Block bounds of masks built from per-position tables (ring indices, per-query lookaheads) need
+  ``min/max(values[lo..hi])`` for arrays of intervals; a sparse table answers them vectorised.
+  """
+
+  def __init__(self, values):
+    values = np.asarray(values, np.int64)
+    n = len(values)
+    self.n = n
+    lows, highs = [values], [values]
+    width = 1
+    while 2 * width <= n:
+      lo, hi = lows[-1], highs[-1]
+      lows.append(np.minimum(lo[:-width], lo[width:]))
+      highs.append(np.maximum(hi[:-width], hi[width:]))
+      width *= 2
+    # Pad every level to length n so that the levels stack into one [levels, n] table.
+    pad = lambda a: np.concatenate([a, np.zeros(n - len(a), np.int64)])  # noqa: E731
+    self._min = np.stack([pad(a) for a in lows])
+    self._max = np.stack([pad(a) for a in highs])
+
+  def _query(self, table, op, lo, hi):
+    lo = np.clip(np.asarray(lo, np.int64), 0, self.n - 1)
+    hi = np.clip(np.asarray(hi, np.int64), 0, self.n - 1)
+    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    level = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
+    return op(table[level, lo], table[level, hi - (1 << level) + 1])
+
+  def min(self, lo, hi):
+    return self._query(self._min, np.minimum, lo, hi)
+
+  def max(self, lo, hi):
+    return self._query(self._max, np.maximum, lo, hi)
+
+
+def _check_span_tuple(value, name, width):
+  try:
+    spans = tuple(tuple(int(x) for x in span) for span in value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a sequence of {width}-tuples of ints, got {value!r}") from None
+  if any(len(s) != width for s in spans) or any(
+      isinstance(x, bool) or not isinstance(x, (int, np.integer)) for span in value for x in span):
+    raise ValueError(f"{name} must be a sequence of {width}-tuples of ints, got {value!r}")
+  return spans
+
+
+def _check_sorted_spans(spans, name):
+  prev_end = 0
+  for span in spans:
+    start, end = span[0], span[1]
+    if not 0 <= start < end:
+      raise ValueError(f"{name} must contain half-open ranges 0 <= start < end, got {span}")
+    if start < prev_end:
+      raise ValueError(f"{name} must be sorted and non-overlapping, got {spans}")
+    prev_end = span[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _QueryRange(Mask):
+  """Queries at absolute positions ``lo <= i + offset < hi`` see every key (a building block)."""
+
+  lo: int
+  hi: int
+  offset: int | None = None
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    p = q_idx + _resolve_offset(self.offset, ctx)
+    return (p >= self.lo) & (p < self.hi) & _true_like(q_idx, kv_idx)
+
+  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    o = _resolve_offset(self.offset, ctx)
+    shape = np.broadcast_shapes(np.shape(q_lo), np.shape(k_lo))
+    may = (q_hi + o >= self.lo) & (q_lo + o < self.hi)
+    must = (q_lo + o >= self.lo) & (q_hi + o < self.hi)
+    return np.broadcast_to(may, shape), np.broadcast_to(must, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeyRange(Mask):
+  """Every query sees the keys ``lo <= j < hi`` (a building block)."""
+
+  lo: int
+  hi: int
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    return (kv_idx >= self.lo) & (kv_idx < self.hi) & _true_like(q_idx, kv_idx)
+
+  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    shape = np.broadcast_shapes(np.shape(q_lo), np.shape(k_lo))
+    may = (k_hi >= self.lo) & (k_lo < self.hi)
+    must = (k_lo >= self.lo) & (k_hi < self.hi)
+    return np.broadcast_to(may, shape), np.broadcast_to(must, shape)
+
+
+def _any(parts):
+  out = parts[0]
+  for p in parts[1:]:
+    out = Or(out, p)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Composite(Mask):
+  """A named mask defined by a composition of simpler masks (``_parts``)."""
+
+  def _parts(self) -> Mask:
+    raise NotImplementedError
+
+  @property
+  def in_kernel(self):
+    return self._parts().in_kernel
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    return self._parts().evaluate(q_idx, kv_idx, head, ctx, xp)
+
+  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    return self._parts().block_bounds(q_lo, q_hi, k_lo, k_hi, ctx)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalityMutual(_Composite):
+  spans: tuple
+  offset: int | None = None
+
+  def _parts(self):
+    extra = [_QueryRange(s, e, self.offset) & _KeyRange(e, t) for s, e, t in self.spans if t > e]
+    return _any([Causal(self.offset)] + extra)
+
+  def __repr__(self):
+    return f"modality_mutual({self.spans}, offset={self.offset})"
+
+
+def modality_mutual(image_spans, offset: int | None = None) -> Mask:
+  """Causal attention in which image tokens also see the text that follows their image.
+
+  Modality-mutual attention (MMA, "Seeing is understanding: unlocking causal attention into
+  modality-mutual attention for multimodal LLMs"): under a plain causal mask the image tokens of
+  a multimodal LLM never see the instruction that comes after the image. MMA lets every image
+  token attend to the text tokens after its image as well. Only the instruction may be opened
+  this way (a later answer would leak into the image tokens the answer is predicted from), so
+  each image names the end of the text it may read.
+
+  Query ``i`` (absolute position ``p = i + offset``) sees key ``j`` iff ``j <= p``, or ``p`` lies
+  in an image ``[img_start, img_end)`` and ``img_end <= j < text_end``.
+
+  Args:
+    image_spans: sorted, non-overlapping triples ``(img_start, img_end, text_end)`` of absolute
+      positions, ``img_start < img_end <= text_end``; ``[img_end, text_end)`` is the text the
+      image tokens may read (the instruction; not the answer).
+    offset: query alignment as in :func:`causal`.
+
+  The pattern is a union of rectangles with the causal triangle, so its block bounds are
+  analytic and Pallas kernels evaluate it in-kernel. A per-sample layout (different image
+  positions per batch row) is not a static mask: use segment ids or separate calls per layout.
+  """
+  spans = _check_span_tuple(image_spans, "image_spans", 3)
+  for s, e, t in spans:
+    if not (0 <= s < e <= t):
+      raise ValueError(f"image_spans entries must satisfy 0 <= img_start < img_end <= text_end, got {(s, e, t)}")
+  _check_sorted_spans(spans, "image_spans")
+  return ModalityMutual(spans, _check_offset(offset))
+
+
+def _ring_of(idx, height, width, xp):
+  """Ring index (0 on the border, growing inward) of raster indices ``idx`` in ``[0, H*W)``."""
+  r = div_nonneg(idx, width, xp)
+  c = rem_nonneg(idx, width, xp)
+  return xp.minimum(xp.minimum(r, c), xp.minimum(height - 1 - r, width - 1 - c))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConcentricCausal(Mask):
+  image_start: int
+  height: int
+  width: int
+  offset: int | None = None
+
+  def __post_init__(self):
+    rings = _ring_of(np.arange(self.height * self.width), self.height, self.width, np)
+    object.__setattr__(self, "_rings", _RangeTable(rings))
+
+  @property
+  def image_end(self):
+    return self.image_start + self.height * self.width
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    p = q_idx + _resolve_offset(self.offset, ctx)
+    s, e, n = self.image_start, self.image_end, self.height * self.width
+    both = (p >= s) & (p < e) & (kv_idx >= s) & (kv_idx < e)
+    # Clamp into the image before dividing: the ring formula needs non-negative raster indices,
+    # and outside the image its value is unused.
+    rq = _ring_of(xp.minimum(xp.maximum(p - s, 0), n - 1), self.height, self.width, xp)
+    rk = _ring_of(xp.minimum(xp.maximum(kv_idx - s, 0), n - 1), self.height, self.width, xp)
+    return (both & (rk <= rq)) | (~both & (kv_idx <= p))
+
+  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    o = _resolve_offset(self.offset, ctx)
+    s, e = self.image_start, self.image_end
+    p_lo, p_hi = q_lo + o, q_hi + o
+    q_any, q_all = (p_hi >= s) & (p_lo < e), (p_lo >= s) & (p_hi < e)
+    k_any, k_all = (k_hi >= s) & (k_lo < e), (k_lo >= s) & (k_hi < e)
+    both_any, both_all = q_any & k_any, q_all & k_all
+    # Ring ranges over the parts of the rectangle that lie inside the image.
+    rq_min = self._rings.min(np.maximum(p_lo, s) - s, np.minimum(p_hi, e - 1) - s)
+    rq_max = self._rings.max(np.maximum(p_lo, s) - s, np.minimum(p_hi, e - 1) - s)
+    rk_min = self._rings.min(np.maximum(k_lo, s) - s, np.minimum(k_hi, e - 1) - s)
+    rk_max = self._rings.max(np.maximum(k_lo, s) - s, np.minimum(k_hi, e - 1) - s)
+    may_ring, must_ring = rk_min <= rq_max, rk_max <= rq_min
+    may_causal, must_causal = k_lo <= p_hi, k_hi <= p_lo
+    may = (both_any & may_ring) | (~both_all & may_causal)
+    must = (both_all & must_ring) | (~both_any & must_causal) | (must_ring & must_causal)
+    return may, must
+
+  def __repr__(self):
+    return (f"concentric_causal(image_start={self.image_start}, height={self.height}, "
+            f"width={self.width}, offset={self.offset})")
+
+
+def concentric_causal(image_start: int, height: int, width: int, offset: int | None = None) -> Mask:
+  """Concentric causal attention (CCA, "Mitigating object hallucination via concentric causal
+  attention", Sec. 3): the image's tokens are ordered in rings from the border to the centre.
+
+  The ``height x width`` image occupies absolute positions ``[image_start, image_start + H*W)`` in
+  raster order. Its token ``(r, c)`` lies on ring ``min(r, c, H-1-r, W-1-c)`` (0 on the border).
+  An image token sees the image tokens of its own and every outer ring (the 2-D causal order of
+  CCA: peripheral tokens first, central tokens last, so that the centre is nearest to the
+  instruction); every other pair is plain causal. Pair it with :func:`concentric_position_ids`,
+  which gives all tokens of a ring one position.
+
+  The ring index is integer arithmetic on the index (division and remainder by ``W``, minima), so
+  kernels evaluate it in-kernel; block bounds use range minima / maxima of the ring index.
+  """
+  image_start = _check_int(image_start, "image_start", 0)
+  height = _check_int(height, "height", 1)
+  width = _check_int(width, "width", 1)
+  return ConcentricCausal(image_start, height, width, _check_offset(offset))
+
+
+def concentric_position_ids(length: int, image_start: int, height: int, width: int) -> np.ndarray:
+  """Position ids that go with :func:`concentric_causal` (CCA's visual token re-organisation).
+
+  Tokens before the image keep their index; image token ``(r, c)`` gets ``image_start + ring``
+  (one position per ring, ``ceil(min(H, W) / 2)`` rings); tokens after the image follow on from
+  the innermost ring, so the text after the image is ``num_rings`` positions away from the image
+  centre instead of ``H * W``.
+
+  Returns:
+    ``[length]`` int32 position ids for RoPE (or any position encoding).
+  """
+  length = _check_int(length, "length", 1)
+  m = concentric_causal(image_start, height, width)
+  end = m.image_end
+  if end > length:
+    raise ValueError(f"the image [{image_start}, {end}) must fit in length={length}")
+  num_rings = (min(height, width) + 1) // 2
+  idx = np.arange(length)
+  rings = _ring_of(np.clip(idx - image_start, 0, height * width - 1), height, width, np)
+  pos = np.where(idx < image_start, idx,
+                 np.where(idx < end, image_start + rings, image_start + num_rings + (idx - end)))
+  return pos.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoCCAM(Mask):
+  num_frames: int
+  tokens_per_frame: int
+  num_queries: int | None = None
+
+  def _queries(self, ctx):
+    return ctx.q_len if self.num_queries is None else self.num_queries
+
+  def validate(self, ctx):
+    if ctx.kv_len != self.num_frames * self.tokens_per_frame:
+      raise ValueError(f"video_ccam expects kv_len = num_frames * tokens_per_frame = "
+                       f"{self.num_frames * self.tokens_per_frame}, got kv_len={ctx.kv_len}")
+    if self.num_queries is not None and ctx.q_len != self.num_queries:
+      raise ValueError(f"video_ccam was built for num_queries={self.num_queries}, got q_len={ctx.q_len}")
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    nq = self._queries(ctx)
+    q_frame = div_nonneg(q_idx * self.num_frames, nq, xp)
+    k_frame = div_nonneg(kv_idx, self.tokens_per_frame, xp)
+    return k_frame <= q_frame
+
+  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    nq = self._queries(ctx)
+    # Both frame maps are non-decreasing, so the rectangle's extremes sit at its corners.
+    fq_lo, fq_hi = (q_lo * self.num_frames) // nq, (q_hi * self.num_frames) // nq
+    fk_lo, fk_hi = k_lo // self.tokens_per_frame, k_hi // self.tokens_per_frame
+    return fk_lo <= fq_hi, fk_hi <= fq_lo
+
+  def __repr__(self):
+    return (f"video_ccam(num_frames={self.num_frames}, tokens_per_frame={self.tokens_per_frame}, "
+            f"num_queries={self.num_queries})")
+
+
+def video_ccam(num_frames: int, tokens_per_frame: int, num_queries: int | None = None) -> Mask:
+  """Video-CCAM's causal cross-attention mask (Fan et al., "Video-CCAM", Sec. 3.2).
+
+  A fixed set of learnable queries cross-attends to the visual tokens of ``num_frames`` frames
+  (``kv_len = num_frames * tokens_per_frame``, frame-major). The queries are split evenly into
+  one group per frame, query ``i`` belonging to frame ``floor(i * F / Q)``; a query sees the
+  visual tokens of its own frame and of all earlier frames. With ``Q`` not a multiple of ``F`` the
+  groups differ in size by one (our choice; the paper uses divisible sizes).
+
+  Args:
+    num_frames: ``F``.
+    tokens_per_frame: visual tokens per frame.
+    num_queries: ``Q``; default ``q_len``.
+  """
+  return VideoCCAM(_check_int(num_frames, "num_frames", 1), _check_int(tokens_per_frame, "tokens_per_frame", 1),
+                   None if num_queries is None else _check_int(num_queries, "num_queries", 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Pine(_Composite):
+  doc_spans: tuple
+  offset: int | None = None
+
+  def _parts(self):
+    in_docs_q = _any([_QueryRange(s, e, self.offset) for s, e in self.doc_spans])
+    in_docs_k = _any([_KeyRange(s, e) for s, e in self.doc_spans])
+    same_doc = _any([_QueryRange(s, e, self.offset) & _KeyRange(s, e) for s, e in self.doc_spans])
+    return Causal(self.offset) | (in_docs_q & in_docs_k & ~same_doc)
+
+  def __repr__(self):
+    return f"pine({self.doc_spans}, offset={self.offset})"
+
+
+def pine(doc_spans, offset: int | None = None) -> Mask:
+  """PINE's inter-document bidirectional mask (Wang et al., "Eliminating position bias of
+  language models: a mechanistic approach", Sec. 3.2).
+
+  Documents (retrieved passages, options to compare) given as sorted ``[start, end)`` spans of
+  absolute positions attend to each other in both directions; inside a document attention stays
+  causal, and every token outside the documents (the system prompt before, the question and the
+  answer after) is causal. Query ``p`` sees key ``j`` iff ``j <= p``, or ``p`` and ``j`` lie in
+  two different documents.
+
+  PINE also re-positions the documents per query document by importance; the mask does not
+  depend on that. :func:`pine_position_ids` gives those positions.
+  """
+  spans = _check_span_tuple(doc_spans, "doc_spans", 2)
+  if not spans:
+    raise ValueError("doc_spans must name at least one document")
+  _check_sorted_spans(spans, "doc_spans")
+  return Pine(spans, _check_offset(offset))
+
+
+def pine_position_ids(length: int, doc_spans, importance) -> np.ndarray:
+  """PINE's position re-assignment (Sec. 3.3): key positions as seen from each query group.
+
+  PINE removes position bias between documents by giving each query its own view of where the
+  documents are: the documents are laid out one after another from the first document's start,
+  least important first and most important last (nearest to the query), and a query inside a
+  document sees its own document last of all. Tokens outside the documents keep their index
+  (the documents' total length is unchanged). Importance comes from the model's own attention
+  (the paper sums position-free attention from the query group to each document); it is an
+  input here.
+
+  Args:
+    length: sequence length ``T``.
+    doc_spans: ``n`` sorted ``[start, end)`` spans, as for :func:`pine`. The documents must be
+      contiguous (``end_d == start_{d+1}``): the re-layout permutes them inside that region.
+    importance: ``[n + 1, n]`` scores: row ``g < n`` for queries in document ``g``, row ``n``
+      for the queries outside the documents; larger is more important. Ties keep input order.
+
+  Returns:
+    ``[n + 1, T]`` int32: ``pos[g, j]`` is the position of token ``j`` for queries of group
+    ``g`` (a query ``i`` in group ``g`` also uses ``pos[g, i]`` itself). With rotary
+    embeddings, rotate the keys once per group and run one attention call per group of query
+    rows; this is the price of query-dependent positions.
+  """
+  length = _check_int(length, "length", 1)
+  spans = _check_span_tuple(doc_spans, "doc_spans", 2)
+  if not spans:
+    raise ValueError("doc_spans must name at least one document")
+  _check_sorted_spans(spans, "doc_spans")
+  for (_, e), (s, _) in zip(spans[:-1], spans[1:]):
+    if e != s:
+      raise ValueError(f"doc_spans must be contiguous for re-positioning, got a gap between {e} and {s}")
+  if spans[-1][1] > length:
+    raise ValueError(f"doc_spans end at {spans[-1][1]}, beyond length={length}")
+  n = len(spans)
+  importance = np.asarray(importance, np.float64)
+  if importance.shape != (n + 1, n):
+    raise ValueError(f"importance must have shape [num_docs + 1, num_docs] = {(n + 1, n)}, got {importance.shape}")
+  pos = np.tile(np.arange(length, dtype=np.int64), (n + 1, 1))
+  for g in range(n + 1):
+    # Ascending importance (stable), then the query's own document moved to the end.
+    order = [d for d in np.argsort(importance[g], kind="stable") if d != g]
+    if g < n:
+      order.append(g)
+    cursor = spans[0][0]
+    for d in order:
+      s, e = spans[d]
+      pos[g, s:e] = cursor + np.arange(e - s)
+      cursor += e - s
+  return pos.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Lookahead(Mask):
+  size: Any
+  left: int | None = None
+  offset: int | None = None
+
+  def __post_init__(self):
+    if isinstance(self.size, np.ndarray):
+      table = self.size.astype(np.int64)
+      table.setflags(write=False)
+      object.__setattr__(self, "size", table)
+      object.__setattr__(self, "_table", _RangeTable(table))
+
+  @property
+  def in_kernel(self):
+    return not isinstance(self.size, np.ndarray)
+
+  def _key(self):
+    size = (self.size.shape, self.size.tobytes()) if isinstance(self.size, np.ndarray) else self.size
+    return (size, self.left, self.offset)
+
+  def __eq__(self, other):
+    return isinstance(other, Lookahead) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
+  def validate(self, ctx):
+    if isinstance(self.size, np.ndarray) and len(self.size) != ctx.q_len:
+      raise ValueError(f"lookahead sizes have length {len(self.size)}, expected q_len={ctx.q_len}")
+
+  def _sizes(self, q_idx, xp):
+    if not isinstance(self.size, np.ndarray):
+      return self.size
+    table = self.size if xp is np else xp.asarray(self.size, dtype=q_idx.dtype)
+    return table[xp.minimum(xp.maximum(q_idx, 0), len(self.size) - 1)]
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    p = q_idx + _resolve_offset(self.offset, ctx)
+    visible = kv_idx <= p + self._sizes(q_idx, xp)
+    if self.left is not None:
+      visible = visible & (kv_idx >= p - self.left)
+    return visible & _true_like(q_idx, kv_idx)
+
+  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    o = _resolve_offset(self.offset, ctx)
+    if isinstance(self.size, np.ndarray):
+      big, small = self._table.max(q_lo, q_hi), self._table.min(q_lo, q_hi)
+    else:
+      big = small = self.size
+    may = k_lo <= q_hi + o + big
+    must = k_hi <= q_lo + o + small
+    if self.left is not None:
+      may = may & (k_hi >= q_lo + o - self.left)
+      must = must & (k_lo >= q_hi + o - self.left)
+    return may, must
+
+  def __repr__(self):
+    size = f"<{len(self.size)} sizes>" if isinstance(self.size, np.ndarray) else self.size
+    return f"lookahead({size}, left={self.left}, offset={self.offset})"
+
+
+def lookahead(size, left: int | None = None, offset: int | None = None) -> Mask:
+  """Causal attention with a bounded look-ahead, for streaming models (Strimel et al., "Lookahead
+  when it matters: adaptive non-causal transformers for streaming neural transducers", ANCAT).
+
+  Query ``i`` (at ``p = i + offset``) sees keys ``j <= p + size`` (``size`` future frames) and, if
+  ``left`` is given, only ``j >= p - left``. A streaming model delays each output by its
+  look-ahead, so the look-ahead is what it pays in latency.
+
+  Args:
+    size: the look-ahead in frames: an int for a fixed per-layer look-ahead, or a 1-D array of
+      ``q_len`` non-negative ints, one per query frame, for ANCAT's adaptive look-ahead (the
+      policy's per-frame decision times the look-ahead it grants; 0 where it stays causal). The
+      array is host data: a decision traced inside ``jit`` cannot make a static mask.
+    left: optional bound on the past context.
+    offset: query alignment as in :func:`causal`.
+
+  A fixed ``size`` is integer arithmetic (evaluated in-kernel); an array is a per-query table
+  whose block bounds use range maxima and minima.
+  """
+  if isinstance(size, (list, tuple, np.ndarray)):
+    arr = np.asarray(size)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer) or (arr < 0).any():
+      raise ValueError(f"size must be an int >= 0 or a non-empty 1-D array of ints >= 0, got {size!r}")
+    size = arr
+  else:
+    size = _check_int(size, "size", 0)
+  left = None if left is None else _check_int(left, "left", 0)
+  return Lookahead(size, left, _check_offset(offset))
+def from_array(array) -> Mask:
+  """A dense boolean mask: query ``i`` sees key ``j`` iff ``array[i, j]`` (or ``array[h, i, j]``).
+
+  For patterns that have no formula (a mask loaded from disk, a random sparsity pattern). The
+  array must match the call's lengths exactly. Its BlockMask is built from the array by
+  reducing each tile with any / all (vectorised, no element-wise Python); the xla backend looks
+  the array up on partial tiles and the Pallas kernels read precomputed partial tiles, as for
+  :func:`block_layout`. Memory is ``O(q_len * kv_len)`` on the host and, as a constant, in each
+  compiled program: for long sequences prefer a predicate (:func:`from_fn`) or a block layout.
+  The mask hashes by content (once, at construction), so equal arrays share compilations.
+
+  Args:
+    array: boolean (or 0/1) array ``[q_len, kv_len]``, or ``[num_heads, q_len, kv_len]`` with one
+      slice per query head (``num_heads`` must equal the call's query heads). NumPy or a concrete
+      JAX array; it is copied to the host.
+
+  Example::
+
+    dense = np.tril(np.ones((T, T), bool)) & (np.random.rand(T, T) < 0.5)
+    out = attn_jax.attention(q, k, v, mask=masks.from_array(dense))
+  """
+  return ArrayMask(array)

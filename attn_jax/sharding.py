@@ -47,8 +47,10 @@ __all__ = [
     "named_shardings",
     "use_rules",
     "current",
+    "local_arrays",
     "constrain",
     "shard_map_attention",
+    "shard_map_optional",
     "detect_cluster",
     "initialize_distributed",
 ]
@@ -68,9 +70,13 @@ class AxisRules:
     rules: ``(logical_name, mesh_axes)`` pairs; ``mesh_axes`` is a mesh axis name, a tuple of
       them (the dimension is split over their product), or None (replicated). A logical name
       missing from the rules is replicated.
+    context_parallel: how attention layers reach the keys of other sequence shards when ``seq``
+      is split over a mesh axis of size > 1: ``"ring"`` or ``"all_gather"`` (see
+      :class:`attn_jax.ContextParallel`).
   """
 
   rules: tuple[tuple[str, MeshAxes], ...]
+  context_parallel: str = "ring"
 
   def __post_init__(self):
     seen = set()
@@ -84,6 +90,8 @@ class AxisRules:
       for a in _as_tuple(axes):
         if not isinstance(a, str):
           raise ValueError(f"mesh axes of {name!r} must be strings or None, got {axes!r}")
+    if self.context_parallel not in ("ring", "all_gather"):
+      raise ValueError(f"context_parallel must be 'ring' or 'all_gather', got {self.context_parallel!r}")
 
   def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
     if logical is None:
@@ -94,7 +102,7 @@ class AxisRules:
     """A copy with some logical names remapped, e.g. ``rules.replace(seq="sequence")``."""
     table = dict(self.rules)
     table.update(overrides)
-    return AxisRules(tuple(table.items()))
+    return AxisRules(tuple(table.items()), self.context_parallel)
 
 
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
@@ -289,6 +297,21 @@ def use_rules(mesh: Mesh, rules: AxisRules | None = None):
     _ACTIVE.reset(token)
 
 
+@contextlib.contextmanager
+def local_arrays():
+  """Deactivates the rules inside a ``shard_map`` body, whose arrays are per-device shards.
+
+  Code traced there (attention backends, constraints) then treats its arrays as unsharded, as
+  they are: e.g. the cuDNN backend, which refuses a sequence sharded by the active rules, serves
+  the per-device calls of context-parallel attention.
+  """
+  token = _ACTIVE.set(None)
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
 def current() -> tuple[Mesh, AxisRules] | None:
   """The active ``(mesh, rules)``, or None. Kernel adapters read it to build their shard_map."""
   active = _ACTIVE.get()
@@ -334,17 +357,33 @@ def shard_map_attention(fn: Callable[..., Any], q, k, v, *, sinks=None, q_segmen
   seg = PartitionSpec(batch, None)
   args = [q, k, v, sinks, q_segment_ids, kv_segment_ids]
   specs = [qs, ks, ks, PartitionSpec(heads), seg, seg]
+  return shard_map_optional(fn, mesh, specs, qs, args)
+
+
+def shard_map_optional(fn: Callable[..., Any], mesh: Mesh, in_specs, out_specs, args, place: bool = False):
+  """``jax.shard_map(fn)(*args)`` where some of ``args`` may be None (passed to ``fn`` as None).
+
+  ``in_specs`` has one entry per argument (a PartitionSpec, or a pytree of them for a pytree
+  argument). With ``place``, the arguments are first put in the layout shard_map expects
+  (:func:`place_for_shard_map`).
+  """
   present = [i for i, a in enumerate(args) if a is not None]
 
   def local(*xs):
     full = [None] * len(args)
     for i, x in zip(present, xs):
       full[i] = x
-    return fn(*full)
+    with local_arrays():
+      return fn(*full)
 
-  mapped = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs[i] for i in present),
-                         out_specs=qs, check_vma=False)
-  return mapped(*(args[i] for i in present))
+  given = [args[i] for i in present]
+  if place:
+    is_spec = lambda s: isinstance(s, PartitionSpec)
+    given = [jax.tree.map(lambda p, x: place_for_shard_map(x, mesh, p), in_specs[i], args[i], is_leaf=is_spec)
+             for i in present]
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs[i] for i in present),
+                         out_specs=out_specs, check_vma=False)
+  return mapped(*given)
 
 
 def _merged_axes(rules, mesh, logical, size, exclude=None):

@@ -1,9 +1,14 @@
 r"""The attention benchmark: which mechanism for my task and my sequence length?
 
 Default (``--suite=all``): both halves of a CAB-style comparison on an embedded default that
-needs no download (about 8 minutes on a 2-core CPU)::
+needs no download (about 7 minutes on an idle 2-core CPU)::
 
     python -m experiments.benchmark
+
+The report opens with the recommendation (:func:`experiments.report.recommendation_section`):
+per CAB pattern and length, the fastest and the least-memory mechanism among those of comparable
+MQAR quality (``--comparable_accuracy``), with CAB's efficiency lengths against the dense
+baseline, ``jax.nn.dot_product_attention``.
 
 * quality: MQAR recall accuracy of small LMs trained with each mechanism of
   :mod:`experiments.mechanisms` (every available default one), over model widths, with the size
@@ -31,11 +36,15 @@ one H100)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import resource
 import sys
+import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import tqdm
 
 from attn_jax import dispatch
@@ -73,7 +82,34 @@ _HEADS = flags.DEFINE_integer("heads", None, "Query heads (default: per suite)."
 _KV_HEADS = flags.DEFINE_integer("kv_heads", None, "Key/value heads (default: --heads).")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", None, "Head dimension (default: per suite).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Input dtype (default: per suite).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 5, "Timed runs per measurement (median and min-max reported; at least "
+    f"{efficiency.MIN_RUNS}; {efficiency.MIN_RUNS} on a CPU for calls over a second).", lower_bound=1)
+_COMPARABLE = flags.DEFINE_float(
+    "comparable_accuracy", report.COMPARABLE_ACCURACY,
+    "The recommendation's 'comparable quality': MQAR accuracy at the largest width at most this far "
+    "below the best benchmarked mechanism's.", lower_bound=0.0)
+_QUALITY_FROM = flags.DEFINE_string(
+    "quality_from", None, "results.json of an earlier run whose quality records the recommendation uses "
+    "(for --suite=efficiency; ignored when this run measures quality).")
+
+
+def _progress(tasks, desc, label):
+  """Yields ``tasks``: a tqdm bar on a terminal; elsewhere (a notebook, a log file) a plain line
+  at most every 30 s, so that captured output is not a stream of bar redraws."""
+  if sys.stderr.isatty():
+    with tqdm.tqdm(tasks, desc=desc, unit="case") as bar:
+      for task in bar:
+        bar.set_postfix_str(label(task))
+        yield task
+    return
+  last = time.monotonic()
+  for i, task in enumerate(tasks):
+    if i == 0 or time.monotonic() - last > 30:
+      print(f"{desc}: {i}/{len(tasks)} done, now {label(task)}", file=sys.stderr, flush=True)
+      last = time.monotonic()
+    yield task
+  print(f"{desc}: {len(tasks)}/{len(tasks)} done", file=sys.stderr, flush=True)
 
 
 def _override(shape):
@@ -121,29 +157,39 @@ def _quality_suite():
       learning_rates=tuple(float(x) for x in _MQAR_LRS.value), eval_batches=_MQAR_EVAL.value)
   cells = [(m, w) for m in names for w in settings.widths]
   records = []
-  with tqdm.tqdm(cells, desc="quality (MQAR)", unit="model") as bar:
-    for mech, width in bar:
-      bar.set_postfix_str(f"{mech} d={width}")
-      records.append(quality.run_cell(settings, mech, width, show_progress=sys.stderr.isatty()))
+  for mech, width in _progress(cells, "quality (MQAR)", lambda c: f"{c[0]} d={c[1]}"):
+    records.append(quality.run_cell(settings, mech, width, show_progress=sys.stderr.isatty()))
   return settings, records
 
 
 def _efficiency_suite():
   by_name = {m.name: m for m in efficiency.MECHANISMS}
   shape = _override(efficiency.Shape())
-  lens = _SEQ_LENS.value or ["256", "512", "1024", "2048", "4096"]
-  tasks = [(by_name[m], p, int(n), mode) for p in _PATTERNS.value for mode in _MODES.value
+  lens = [int(n) for n in (_SEQ_LENS.value or ["256", "512", "1024", "2048", "4096"])]
+  tasks = [(by_name[m], p, n, mode) for p in _PATTERNS.value for mode in _MODES.value
            for m in _MECHANISMS.value for n in lens if by_name[m].supports(p)]
   records = []
-  with tqdm.tqdm(tasks, desc="efficiency", unit="case") as bar:
-    for mech, pattern, n, mode in bar:
-      bar.set_postfix_str(f"{mech.name} {pattern} {mode} L={n}")
-      records.append(efficiency.measure(mech, pattern, n, mode, shape, _REPEATS.value))
-  return shape, records, efficiency.efficiency_lengths(records)
+  for mech, pattern, n, mode in _progress(tasks, "efficiency", lambda t: f"{t[0].name} {t[1]} {t[3]} L={t[2]}"):
+    records.append(efficiency.measure(mech, pattern, n, mode, shape, _REPEATS.value))
+  # The oracles check what was timed, at the shortest length (cheap even for the naive oracle).
+  checks = [efficiency.check_against_reference(by_name[m], p, min(lens), shape)
+            for p in _PATTERNS.value for m in _MECHANISMS.value if by_name[m].supports(p)]
+  return shape, records, efficiency.efficiency_lengths(records), checks
+
+
+def _quality_records_from(path):
+  with open(path) as f:
+    payload = json.load(f)
+  if "quality" not in payload:
+    raise app.UsageError(f"--quality_from: {path} has no quality records (it was not a quality run)")
+  return payload["quality"]["records"]
 
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    # jax's INFO lines (backends it could not start) are noise here; --verbosity=0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   bad = [m for m in _MODES.value if m not in efficiency.MODES]
@@ -158,28 +204,50 @@ def main(argv):
   bad = [p for p in _PATTERNS.value if p not in efficiency.PATTERNS]
   if bad:
     raise app.UsageError(f"--patterns: unknown {bad}; known: {list(efficiency.PATTERNS)}")
+  started = time.perf_counter()
   env = report.environment()
   payload = dict(environment=env)
   title = {"all": "attn_jax attention benchmark", "quality": "attn_jax quality benchmark",
            "efficiency": "attn_jax efficiency benchmark"}[_SUITE.value]
-  lines = report.header(env, title)
-  plots = []
+  q_lines, e_lines, plots = [], [], []
+  q_records = None
+  sub = 3 if _SUITE.value == "all" else 2
   if _SUITE.value in ("all", "quality"):
     settings, q_records = _quality_suite()
     payload["quality"] = dict(settings=dataclasses.asdict(settings), records=q_records)
-    lines += ["## Quality: multi-query associative recall (MQAR)", ""]
-    lines += report.quality_section(q_records, dataclasses.asdict(settings), level=3)
-    plots += report.quality_plot(q_records, workdir)
-  if _SUITE.value in ("all", "efficiency"):
-    shape, records, eff = _efficiency_suite()
-    shape_dict = dict(vars(shape))
-    payload.update(shape=shape_dict, efficiency=records, efficiency_lengths=eff)
     if _SUITE.value == "all":
-      lines += ["## Efficiency: time and memory vs sequence length (CAB's four patterns)", ""]
-      lines += report.efficiency_section(records, eff, shape_dict, level=3)
-    else:
-      lines += report.efficiency_section(records, eff, shape_dict, level=2)
-    plots += report.efficiency_plots(records, workdir)
+      q_lines += ["## Quality: multi-query associative recall (MQAR)", ""]
+    q_lines += report.quality_section(q_records, dataclasses.asdict(settings), level=sub)
+    plots += report.quality_plot(q_records, workdir, dataclasses.asdict(settings))
+  elif _QUALITY_FROM.value:
+    q_records = _quality_records_from(_QUALITY_FROM.value)
+  if _SUITE.value in ("all", "efficiency"):
+    shape, records, eff, checks = _efficiency_suite()
+    shape_dict = dict(vars(shape))
+    quality_of = {m.name: m.quality for m in efficiency.MECHANISMS if m.name in _MECHANISMS.value}
+    standing = report.quality_standing(q_records, quality_of, _COMPARABLE.value)
+    baseline = efficiency.baseline_name()
+    payload.update(shape=shape_dict, efficiency=records, efficiency_lengths=eff, correctness=checks,
+                   quality_standing=standing,
+                   recommendation=report.recommend(
+                       records, [n for n, m in standing["mechanisms"].items() if m["comparable"]], baseline))
+    if _QUALITY_FROM.value and _SUITE.value == "efficiency":
+      payload["quality_from"] = _QUALITY_FROM.value
+    rec_lines = report.recommendation_section(records, eff, standing, baseline, level=2)
+    if _SUITE.value == "all":
+      e_lines += ["## Efficiency: time and memory vs sequence length (CAB's four patterns)", ""]
+    e_lines += report.efficiency_section(records, shape_dict, level=sub)
+    e_lines += report.correctness_section(checks, level=sub)
+    plots += report.efficiency_plots(records, workdir, shape_dict)
+  else:
+    rec_lines = []
+  usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+  cost = dict(wall_s=time.perf_counter() - started, cpu_s=sum(u.ru_utime + u.ru_stime for u in usage))
+  payload["cost"] = cost
+  lines = report.header(env, title)
+  lines.insert(-1, f"- this run: {cost['wall_s'] / 60:.1f} min wall, {cost['cpu_s'] / 60:.1f} min CPU time "
+               "(on an idle machine the wall time is at most the CPU time)")
+  lines += rec_lines + q_lines + e_lines
   report.write_json(os.path.join(workdir, "results.json"), payload)
   md = "\n".join(lines)
   with open(os.path.join(workdir, "report.md"), "w") as f:

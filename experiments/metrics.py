@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 
@@ -18,13 +19,40 @@ import tqdm
 from etils import epath
 
 
+def _step_of(line: str):
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def last_scalars(logdir: str, prefix: str) -> dict:
+  """The last ``metrics.jsonl`` record holding ``prefix`` scalars, without the prefix ({} if none)."""
+  path = epath.Path(logdir) / "metrics.jsonl"
+  if not path.exists():
+    return {}
+  for line in reversed(path.read_text().splitlines()):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    found = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+    if found:
+      return found
+  return {}
+
+
 class Writer:
   """Scalars to ``<logdir>/events.out.tfevents.*`` and ``<logdir>/metrics.jsonl``.
 
   ``logdir=None`` or ``enabled=False`` writes nothing (benchmark runs, processes other than 0).
+  ``resume_step``: the step a run restarts from (0 for a fresh start). Lines of
+  ``metrics.jsonl`` logged after it, by a run killed before its next checkpoint, are dropped,
+  and TensorBoard is told to hide the events after it (``purge_step``): the resumed run logs
+  those steps again, so each step appears once.
   """
 
-  def __init__(self, logdir: str | None, enabled: bool = True):
+  def __init__(self, logdir: str | None, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled and logdir is not None
     self._tb = None
     self._jsonl = None
@@ -34,16 +62,34 @@ class Writer:
     if not self.enabled:
       return
     epath.Path(logdir).mkdir(parents=True, exist_ok=True)
+    self._jsonl = epath.Path(logdir) / "metrics.jsonl"
+    if self._jsonl.exists():
+      lines = self._jsonl.read_text().splitlines(keepends=True)
+      if resume_step is not None:
+        kept = [line for line in lines if (_step_of(line) or 0) <= resume_step]
+        if len(kept) != len(lines):
+          self._rewrite(kept)
+        lines = kept
+      if self._remote:
+        self._lines = lines
     try:
       import tensorboardX
     except ImportError:
       print("metrics: tensorboardX is not installed (pip install tensorboardX, part of the "
             "'experiments' extra); writing metrics.jsonl only", file=sys.stderr)
     else:
-      self._tb = tensorboardX.SummaryWriter(logdir, flush_secs=10)
-    self._jsonl = epath.Path(logdir) / "metrics.jsonl"
-    if self._remote and self._jsonl.exists():
-      self._lines = self._jsonl.read_text().splitlines(keepends=True)
+      purge = None if resume_step is None else resume_step + 1
+      self._tb = tensorboardX.SummaryWriter(logdir, flush_secs=10, purge_step=purge)
+
+  def _rewrite(self, lines) -> None:
+    text = "".join(lines)
+    if self._remote:
+      self._jsonl.write_text(text)
+      return
+    # Locally, readers never see a half-written file.
+    tmp = self._jsonl.with_name(self._jsonl.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, self._jsonl)
 
   def scalars(self, step: int, values: dict, prefix: str = "") -> None:
     if not self.enabled:

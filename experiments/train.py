@@ -6,12 +6,15 @@ r"""Trains a model of the zoo: flags -> ml_collections config -> :func:`experime
 Multi-process runs join with ``--coordinator_address/--num_processes/--process_id`` (the local
 launcher), by themselves under SLURM, or with ``--distributed=jax`` on Cloud TPU pods (see
 ``launch/README.md``). A run that
-finds checkpoints in ``--workdir`` resumes from the newest good one. Exit status: 0 when done,
-1 on a non-finite loss, 143 after saving on SIGTERM.
+finds checkpoints in ``--workdir`` resumes from the newest good one; one whose checkpoint is
+already at ``num_train_steps`` says so and prints the finished run's final metrics. Exit status:
+0 when done (or already done), 1 on a non-finite loss, 143 after saving on SIGTERM, 130 after
+saving on Ctrl-C (SIGINT; a second Ctrl-C stops at once without saving, also 130).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
@@ -64,10 +67,36 @@ def main(argv):
   except trainer.NonFiniteLossError as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+  except KeyboardInterrupt:
+    # A second Ctrl-C (or one before the trainer took over the signal): stop without a traceback.
+    # The trainer's own clean-up has run as the exception left it; os._exit skips the interpreter's
+    # shutdown, where a background thread that the interrupt cut short (Orbax's start-up clean-up
+    # of temporary directories) would print one. A save cut short leaves only a temporary
+    # directory, which the next start removes.
+    print("interrupted: stopped without saving; the last checkpoint in --workdir (if any) is kept",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(trainer.EXIT_INTERRUPTED)
   if summary["preempted"]:
-    sys.exit(trainer.EXIT_PREEMPTED)
+    sys.exit(trainer.EXIT_CODES.get(summary.get("signal"), trainer.EXIT_PREEMPTED))
   if jax.process_index() == 0:
-    print(f"done: step {summary['step']}, train {summary['train']}, eval {summary['eval']}", flush=True)
+    print(final_message(summary, int(_CONFIG.value.num_train_steps), _WORKDIR.value), flush=True)
+
+
+def _metrics(values: dict) -> str:
+  return ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float))) or "not logged"
+
+
+def final_message(summary: dict, total_steps: int, workdir: str) -> str:
+  """What a finished run prints: its step, final train and eval metrics, and where they are."""
+  if summary.get("already_finished"):
+    head = (f"already finished: {workdir} holds a run trained to step {summary['step']} "
+            f"(num_train_steps {total_steps}); nothing to train. Raise --config.num_train_steps to train "
+            "further, or use another --workdir.\nFinal metrics")
+  else:
+    head = f"done: step {summary['step']}/{total_steps}"
+  return (f"{head}: train ({_metrics(summary.get('train') or {})}); eval ({_metrics(summary.get('eval') or {})}); "
+          f"in {workdir}/final_metrics.json")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,16 @@ every device of a multi-process run), and with a ``workdir``:
   ``config.checkpoint.keep``) and resumes from the newest checkpoint that verifies: parameters,
   optimizer state, step, data position and RNG key, so a run killed at any moment and restarted
   computes exactly what an uninterrupted run computes;
-* on SIGTERM (a TPU or spot VM preemption notice) finishes the current step, saves, and exits
-  with :data:`EXIT_PREEMPTED`;
+* on SIGTERM (a TPU or spot VM preemption notice) or SIGINT (Ctrl-C) finishes the current step,
+  saves, and returns with ``preempted`` set (``experiments.train`` then exits with
+  :data:`EXIT_PREEMPTED` or :data:`EXIT_INTERRUPTED`); a second Ctrl-C raises
+  ``KeyboardInterrupt`` at once, without saving;
+* prints the resolved mixer configuration of every layer (what the mechanism's defaults and the
+  task's length made of ``config.model``) and writes it to ``config.json`` (``resolved``);
+* on a resume, drops the metrics that the interrupted run logged after its last checkpoint, so
+  that every step appears once in ``metrics.jsonl`` (and in TensorBoard);
+* on a work directory whose checkpoint is already at ``num_train_steps``, trains nothing and
+  returns the finished run's final metrics with ``already_finished`` set;
 * stops at the first non-finite loss or gradient with :class:`NonFiniteLossError`, before any
   checkpoint of the damaged state is written, naming the last good checkpoint;
 * writes ``final_metrics.json`` at the end.
@@ -22,11 +30,13 @@ checkpoint is written only once every step before it has been checked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -47,6 +57,9 @@ from experiments import metrics as metrics_lib
 # 128 + SIGTERM: the conventional status of a process ended by SIGTERM, so supervisors treat a
 # preempted run as terminated (and the launch scripts restart it).
 EXIT_PREEMPTED = 143
+# 128 + SIGINT: what a shell reports for a command stopped with Ctrl-C.
+EXIT_INTERRUPTED = 130
+EXIT_CODES = {"SIGTERM": EXIT_PREEMPTED, "SIGINT": EXIT_INTERRUPTED}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,23 +67,41 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _Preemption:
-  """SIGTERM -> a flag the loop polls; multi-process runs agree on the step to stop at."""
+  """SIGTERM / SIGINT -> a flag the loop polls; multi-process runs agree on the step to stop at.
 
-  def __init__(self):
+  A second SIGINT (Ctrl-C pressed again while the step finishes and the checkpoint is written)
+  raises ``KeyboardInterrupt``: the user asked to stop now.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, log=None):
     self.requested = False
-    self._previous = None
+    self.signal = None
+    self._previous = {}
+    self._log = log or (lambda msg: None)
 
   def install(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is not threading.main_thread():
+      return  # Python delivers signals to the main thread only; leave the caller's handlers alone.
+    self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.requested:
+      return
+    # Set before logging: a second signal can interrupt this handler while it prints.
     self.requested = True
+    self.signal = name = signal.Signals(signum).name
+    self._log(f"{name}: finishing the current step, then saving a checkpoint"
+              + (" (Ctrl-C again stops at once without saving)" if signum == signal.SIGINT else ""))
 
   def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+    self._previous = {}
 
   def should_stop(self, step: int, sync_now: bool) -> bool:
     if jax.process_count() == 1:
@@ -178,10 +209,70 @@ def _write_json(path, payload):
   os.replace(tmp, path)
 
 
+def _fields(config_obj) -> dict:
+  """A mixer config's fields (one level: masks and other objects stay objects)."""
+  if dataclasses.is_dataclass(config_obj):
+    return {f.name: getattr(config_obj, f.name) for f in dataclasses.fields(config_obj)}
+  return dict(vars(config_obj)) if hasattr(config_obj, "__dict__") else {"value": config_obj}
+
+
+def resolved_mixers(model_config) -> list[dict]:
+  """The mixer config of every layer of a built model's config (``LMConfig`` / ``ViTConfig``),
+  as dicts: what the trainer actually runs, after the mechanism and the task's length resolved
+  ``config.model`` (e.g. the window ``sliding_window`` chose)."""
+  if hasattr(model_config, "layer_configs"):
+    layers_ = model_config.layer_configs()
+  else:
+    schedule = model_config.schedule
+    layers_ = schedule if isinstance(schedule, tuple) else (schedule,)
+  return [_fields(c) for c in layers_]
+
+
+def _non_default(config_obj) -> dict:
+  if not dataclasses.is_dataclass(config_obj):
+    return _fields(config_obj)
+  out = {}
+  for f in dataclasses.fields(config_obj):
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+    value = getattr(config_obj, f.name)
+    if f.name in ("mechanism", "name") or value != default:
+      out[f.name] = value
+  return out
+
+
+def describe_mixers(model_config) -> str:
+  """One line per run of identical layers: ``layers 0-1: mechanism=softmax window=16 ...`` with
+  the fields that differ from the config class's defaults."""
+  if hasattr(model_config, "layer_configs"):
+    layers_ = list(model_config.layer_configs())
+  else:
+    schedule = model_config.schedule
+    layers_ = list(schedule if isinstance(schedule, tuple) else (schedule,))
+  lines, start = [], 0
+  for i in range(1, len(layers_) + 1):
+    if i == len(layers_) or layers_[i] != layers_[start]:
+      c = layers_[start]
+      fields = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in _non_default(c).items())
+      which = f"layer {start}" if i - start == 1 else f"layers {start}-{i - 1}"
+      lines.append(f"  {which}: {type(c).__name__}({fields})")
+      start = i
+  return "mixers (resolved; fields at their defaults omitted, config.json has them all):\n" + "\n".join(lines)
+
+
+def _read_json(path):
+  path = epath.Path(path)
+  try:
+    return json.loads(path.read_text()) if path.exists() else None
+  except ValueError:
+    return None
+
+
 def train(config, workdir: str | None = None, *, show_progress: bool = True, desc: str = "train",
           leave_progress: bool = True) -> dict:
   """Trains as ``config`` says; returns a summary dict (final step, last train metrics, eval
-  metrics, ``preempted``).
+  metrics, ``preempted`` and the ``signal`` that stopped the run, ``already_finished`` when the
+  work directory held a finished run).
 
   Without ``workdir`` nothing is written (no checkpoints, no metrics files): the benchmark's use.
 
@@ -207,25 +298,43 @@ def train(config, workdir: str | None = None, *, show_progress: bool = True, des
   ckpt = None
   start = 0
   log = lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None
+  model_config = nnx.merge(setup.graphdef, setup.params).config
+  preemption = _Preemption(log)
   if workdir is not None:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    if is_main:
-      _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-    if config.checkpoint.every > 0:
-      ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                        every=config.checkpoint.every, keep=config.checkpoint.keep,
-                                        async_save=config.checkpoint.async_save)
-      restored = ckpt.restore_latest(checkpointing.abstract_like(state), log=log)
-      if restored is not None:
-        state, meta = restored
-        start = int(meta["data_position"])
-        log(f"resumed from checkpoint {meta['step']} (data position {start})")
-  writer = metrics_lib.Writer(os.path.join(workdir, "tensorboard") if workdir else None, enabled=is_main)
+    # From here on a Ctrl-C or SIGTERM is a request to stop cleanly, never a traceback.
+    preemption.install()
+    try:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      log(describe_mixers(model_config))
+      if config.checkpoint.every > 0:
+        ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                          every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                          async_save=config.checkpoint.async_save)
+        restored = ckpt.restore_latest(checkpointing.abstract_like(state), log=log)
+        if restored is not None:
+          state, meta = restored
+          start = int(meta["data_position"])
+          log(f"resumed from checkpoint {meta['step']} (data position {start})")
+      # Written after the restore; ``resolved`` is what the run actually builds.
+      if is_main:
+        _write_json(os.path.join(workdir, "config.json"),
+                    {**json.loads(config.to_json_best_effort()),
+                     "resolved": {"mixers": resolved_mixers(model_config)}})
+      if start >= total_steps:
+        summary = _finished(workdir, start, state, eval_fn, source, config, spec, batch_sh, is_main)
+        preemption.uninstall()
+        if ckpt is not None:
+          ckpt.close()
+        return summary
+    except BaseException:
+      preemption.uninstall()
+      if ckpt is not None:
+        ckpt.close()
+      raise
+  writer = metrics_lib.Writer(os.path.join(workdir, "tensorboard") if workdir else None, enabled=is_main,
+                              resume_step=start if workdir else None)
   progress = metrics_lib.Progress(start, total_steps, config.batch_size * source.tokens_per_example,
                                   enabled=show_progress and is_main, desc=desc, leave=leave_progress)
-  preemption = _Preemption()
-  if workdir is not None:
-    preemption.install()
 
   pending = []          # (step index, device metrics) not yet read back
   window = []           # host metrics since the last log line
@@ -285,11 +394,18 @@ def train(config, workdir: str | None = None, *, show_progress: bool = True, des
         last_saved = step
       if stop:
         preempted = True
+        name = preemption.signal or "SIGTERM"    # another process's signal in a multi-process run
+        if window:
+          # The steps since the last log line would otherwise never be logged.
+          last = _mean(window)
+          last["learning_rate"] = float(schedule(step - 1))
+          writer.scalars(step, last, prefix="train/")
+          window = []
         if ckpt is not None:
           ckpt.wait()
-          log(f"SIGTERM: saved checkpoint {step} in {ckpt.directory}; exiting for a restart")
+          log(f"{name}: saved checkpoint {step} in {ckpt.directory}; run the same command to resume")
         else:
-          log(f"SIGTERM at step {step}: checkpoints are off (checkpoint.every=0), nothing saved")
+          log(f"{name} at step {step}: checkpoints are off (checkpoint.every=0), nothing saved")
         break
     if ckpt is not None and not preempted and last_saved != step:
       check_pending()
@@ -305,6 +421,30 @@ def train(config, workdir: str | None = None, *, show_progress: bool = True, des
   summary = {"step": step, "last_loss": last_loss, "train": last, "eval": last_eval,
              "preempted": preempted, "params_checksum": checkpointing.checksum(state["params"]),
              "processes": jax.process_count(), "devices": jax.device_count()}
+  if preempted:
+    summary["signal"] = preemption.signal or "SIGTERM"
   if workdir is not None and is_main:
     _write_json(os.path.join(workdir, "final_metrics.json"), summary)
   return summary
+
+
+def _finished(workdir, step, state, eval_fn, source, config, spec, batch_sh, is_main) -> dict:
+  """The summary of a run whose checkpoint is already at (or past) ``num_train_steps``.
+
+  The finished run's ``final_metrics.json`` when it matches the checkpoint; otherwise (the run
+  was stopped after its last checkpoint but before writing them) the restored parameters are
+  evaluated and the last logged train metrics are read back, and the file is written.
+  """
+  previous = _read_json(os.path.join(workdir, "final_metrics.json"))
+  checksum = checkpointing.checksum(state["params"])
+  if (isinstance(previous, dict) and previous.get("step") == step and not previous.get("preempted")
+      and previous.get("params_checksum") == checksum):
+    return {**previous, "already_finished": True}
+  train_metrics = metrics_lib.last_scalars(os.path.join(workdir, "tensorboard"), "train/")
+  summary = {"step": step, "last_loss": train_metrics.get("loss"), "train": train_metrics,
+             "eval": evaluate(eval_fn, state["params"], source, config, spec, batch_sh),
+             "preempted": False, "params_checksum": checksum,
+             "processes": jax.process_count(), "devices": jax.device_count()}
+  if is_main:
+    _write_json(os.path.join(workdir, "final_metrics.json"), summary)
+  return {**summary, "already_finished": True}

@@ -6,10 +6,14 @@ compressed sparse rows) with a dynamic-length ``fori_loop``, loading exactly the
 from the full-sequence K/V (or Q/dO) refs:
 
 * forward: grid ``(nq, B, Hq)``; online softmax in registers; writes O and the LSE.
-* dQ: grid ``(nq, B, Hq)`` over the same lists.
+* dQ: grid ``(nq, B, Hq)`` over the lists of its own BlockMask.
 * dK/dV: grid ``(nk, B, Hkv)``; loops over the G query heads of the GQA group and, for each, the
   transposed list of its non-empty query blocks, so K/V are never repeated and no atomics are
   needed. Tiles are computed transposed (``k q^T``).
+
+The three kernels take their own block sizes and launch parameters (each its own schedule):
+what a program keeps in registers differs (O and the statistics; dQ; dK and dV), and so does the
+largest tile that fits in 255 registers per thread without spilling.
 
 FULL tiles skip the mask (``lax.cond`` on the tile kind when both kinds occur); PARTIAL tiles
 evaluate the iota predicate or read their precomputed tile; segment ids apply to every visited
@@ -235,7 +239,8 @@ def flash_dq_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *ref
 
     return _select(mask, kind_ref[t], update, acc)
 
-  acc = lax.fori_loop(*_row_range(hmap_ref, ptr_ref, h, i, n_rows), body, jnp.zeros(q.shape, jnp.float32))
+  acc = lax.fori_loop(*_row_range(hmap_ref, ptr_ref, h, i, n_rows), body,
+                      jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = acc.astype(dq_ref.dtype)
 
 
@@ -297,21 +302,28 @@ def flash_dkv_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *re
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, rows: fc.Lists, cols: fc.Lists, tiles, lse, do,
-              delta, *, mask: fc.MaskSpec, scale: float, soft_cap, block_q: int, block_kv: int,
-              interpret: bool, record: Callable | None = None, num_warps: int = 4,
-              num_stages: int = 2):
-  """Backward pass; same contract as :func:`pallas_kernels.flash_tpu.flash_bwd`, with the BlockMask
-  rows and columns as :class:`~pallas_kernels.flash_common.Lists`."""
+def _bwd_rows(lse, delta):
+  # The kernels read one query row's statistics per head as a contiguous [bq] slice.
+  return lse.transpose(0, 2, 1), delta.transpose(0, 2, 1)
+
+
+def flash_dq(q, k, v, q_seg, kv_seg, head_offset, rows: fc.Lists, tiles, lse, do, delta, *,
+             mask: fc.MaskSpec, scale: float, soft_cap, block_q: int, block_kv: int,
+             interpret: bool, record: Callable | None = None, num_warps: int = 4,
+             num_stages: int = 2):
+  """dQ of the backward pass; the arguments of :func:`pallas_kernels.flash_tpu.flash_bwd`.
+
+  ``rows`` are the row lists (:class:`~pallas_kernels.flash_common.Lists`) of a BlockMask with
+  blocks ``(block_q, block_kv)``, ``tiles`` its tile table; the dQ and dK/dV
+  kernels may use different blocks (each gets its own schedule), so that each holds in registers
+  only what it can afford.
+  """
   b, tq, hq, d = q.shape
   _, tk, hkv, dv = v.shape
   group = hq // hkv
   bq, bk = block_q, block_kv
   has_segments = q_seg is not None
-  lse_t = lse.transpose(0, 2, 1)
-  delta_t = delta.transpose(0, 2, 1)
-  record = record if interpret else None
-
+  lse_t, delta_t = _bwd_rows(lse, delta)
   arrays, specs = _schedule_specs(rows)
   in_specs = specs + [_full((1,)),
                       pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
@@ -328,9 +340,10 @@ def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, rows: fc.Lists, cols: fc.List
   if mask.use_tiles:
     in_specs.append(_full(tiles.shape))
     args.append(tiles)
-  dq = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(flash_dq_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=bq,
-                        block_kv=bk, n_rows=tq // bq, has_segments=has_segments, record=record),
+                        block_kv=bk, n_rows=tq // bq, has_segments=has_segments,
+                        record=record if interpret else None),
       grid=(tq // bq, b, hq),
       in_specs=in_specs,
       out_specs=pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
@@ -340,6 +353,19 @@ def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, rows: fc.Lists, cols: fc.List
       name="flash_dq_gpu",
   )(*args)
 
+
+def flash_dkv(q, k, v, q_seg, kv_seg, head_offset, cols: fc.Lists, tiles, lse, do, delta, *,
+              mask: fc.MaskSpec, scale: float, soft_cap, block_q: int, block_kv: int,
+              interpret: bool, record: Callable | None = None, num_warps: int = 4,
+              num_stages: int = 2):
+  """dK and dV of the backward pass; arguments as :func:`flash_dq`, with the BlockMask's column
+  lists ``cols``. Returns ``(dk, dv)``."""
+  b, tq, hq, d = q.shape
+  _, tk, hkv, dv = v.shape
+  group = hq // hkv
+  bq, bk = block_q, block_kv
+  has_segments = q_seg is not None
+  lse_t, delta_t = _bwd_rows(lse, delta)
   arrays, specs = _schedule_specs(cols)
   in_specs = specs + [_full((1,)),
                       pl.BlockSpec((None, tq, hq, d), lambda j, bi, hk: (bi, 0, 0, 0)),
@@ -357,9 +383,10 @@ def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, rows: fc.Lists, cols: fc.List
     tiles_t = tiles.swapaxes(1, 2)
     in_specs.append(_full(tiles_t.shape))
     args.append(tiles_t)
-  dk, dv_ = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(flash_dkv_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=bq,
-                        block_kv=bk, n_rows=tk // bk, group=group, has_segments=has_segments, record=record),
+                        block_kv=bk, n_rows=tk // bk, group=group, has_segments=has_segments,
+                        record=record if interpret else None),
       grid=(tk // bk, b, hkv),
       in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, bi, hk: (bi, j, hk, 0)),
@@ -369,4 +396,3 @@ def flash_bwd(q, k, v, q_seg, kv_seg, head_offset, rows: fc.Lists, cols: fc.List
       interpret=interpret,
       name="flash_dkv_gpu",
   )(*args)
-  return dq, dk, dv_

@@ -150,7 +150,9 @@ def _visibility(mask: fc.MaskSpec, masked: bool, tile, q_pos, kv_pos, head, seg,
   vis = None
   if masked:
     if mask.use_tiles:
-      vis = tile != 0
+      # Widened before the comparison: TPU v4 has no int8 vector compare (Mosaic cannot
+      # legalize arith.cmpi on i8 vectors there); v5e and later accept both.
+      vis = tile.astype(jnp.int32) != 0
     else:
       vis = jnp.broadcast_to(mask.predicate(q_pos, kv_pos, head), shape)
   if seg is not None:

@@ -1,12 +1,20 @@
 """Chunked linear attention for GPU (Pallas, Triton dialect), forward and backward.
 
-Lightning Attention-2's tiling with the chunk loop inside the kernel: the grid ``(B, Hq)`` runs
-one program per (batch, query head); it walks the ``N`` chunks of its sequence with a
-``fori_loop`` that keeps the float32 state in registers, computing each chunk's intra-chunk
+Lightning Attention-2's tiling with the chunk loop inside the kernel: the grid ``(B, Hq, V / Vb)``
+runs one program per (batch, query head, block of ``Vb`` value columns); it walks the ``N``
+chunks of its sequence with a ``fori_loop`` that keeps its ``[K, Vb]`` float32 slice of the state
+in registers, computing each chunk's intra-chunk
 block (masked, decayed ``C x C``) and inter-chunk term (the state), then updating the state. The
 backward pass is two such sweeps: ``dQ`` forwards in time (recomputing the state) and ``dK/dV``
 backwards in time carrying the state gradient, which ends as the gradient of the initial state.
 See :mod:`pallas_kernels.linear_common` for the per-chunk math.
+
+Splitting the value columns (as flash-linear-attention does) bounds what a program keeps in
+registers: the state slice, and in the backward pass its gradient, are ``K x Vb`` rather than
+``K x V``, which is what lets head dim 128 compile without register spills. Every column block is
+independent, except that ``dQ`` and ``dK`` contract over the value columns: each program writes its
+partial ``dQ`` / ``dK`` and the wrapper sums them (``[V / Vb, ...]`` float32). The intra-chunk
+scores are recomputed per column block.
 
 Layout: ``q [B, Hq, T, K]``, ``k [B, Hs, T, K]``, ``v [B, Hs, T, V]`` (``T`` a multiple of the
 chunk, ``K``, ``V`` powers of two >= 16 as Triton tiles require); per-token vectors
@@ -186,31 +194,31 @@ def linear_bwd_dkv_channel_kernel(*refs, chunk, sub, num_chunks, has_segments):
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
 
 
-def _channel_in_specs(shape, group, num_chunks, has_segments):
-  t, kd, vd = shape
-  kv = lambda b, h: (b, lax.div(h, group), 0, 0)
-  specs = [pl.BlockSpec((None, None, t, kd), lambda b, h: (b, h, 0, 0)),
+def _channel_in_specs(shape, group, num_chunks, has_segments, vb):
+  t, kd, _ = shape
+  kv = lambda b, h, j: (b, lax.div(h, group), 0, 0)
+  specs = [pl.BlockSpec((None, None, t, kd), lambda b, h, j: (b, h, 0, 0)),
            pl.BlockSpec((None, None, t, kd), kv),
-           pl.BlockSpec((None, None, t, vd), kv),
+           pl.BlockSpec((None, None, t, vb), lambda b, h, j: (b, lax.div(h, group), 0, j)),
            pl.BlockSpec((None, None, t, kd), kv)]
   if has_segments:
-    specs.append(pl.BlockSpec((None, t), lambda b, h: (b, 0)))
+    specs.append(pl.BlockSpec((None, t), lambda b, h, j: (b, 0)))
   specs += [pl.BlockSpec((None, None, t, kd), kv), pl.BlockSpec((None, None, t, kd), kv),
-            pl.BlockSpec((None, None, num_chunks * kd), lambda b, h: (b, lax.div(h, group), 0))]
+            pl.BlockSpec((None, None, num_chunks * kd), lambda b, h, j: (b, lax.div(h, group), 0))]
   return specs
 
 
-def _in_specs(shape, group, has_decay, has_segments, has_factors):
-  t, kd, vd = shape
-  kv = lambda b, h: (b, lax.div(h, group), 0, 0)
-  specs = [pl.BlockSpec((None, None, t, kd), lambda b, h: (b, h, 0, 0)),
+def _in_specs(shape, group, has_decay, has_segments, has_factors, vb):
+  t, kd, _ = shape
+  kv = lambda b, h, j: (b, lax.div(h, group), 0, 0)
+  specs = [pl.BlockSpec((None, None, t, kd), lambda b, h, j: (b, h, 0, 0)),
            pl.BlockSpec((None, None, t, kd), kv),
-           pl.BlockSpec((None, None, t, vd), kv)]
-  vec = pl.BlockSpec((None, None, t), lambda b, h: (b, lax.div(h, group), 0))
+           pl.BlockSpec((None, None, t, vb), lambda b, h, j: (b, lax.div(h, group), 0, j))]
+  vec = pl.BlockSpec((None, None, t), lambda b, h, j: (b, lax.div(h, group), 0))
   if has_decay:
     specs.append(vec)
   if has_segments:
-    specs.append(pl.BlockSpec((None, t), lambda b, h: (b, 0)))
+    specs.append(pl.BlockSpec((None, t), lambda b, h, j: (b, 0)))
   if has_factors:
     specs += [vec, vec]
   return specs
@@ -235,8 +243,31 @@ def _params(num_warps, num_stages, kd, vd):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
 
 
+def _value_block(vd, block_v):
+  vb = block_v or vd
+  if vb < 16 or vb & (vb - 1) or vd % vb:
+    raise ValueError(f"block_v must be a power of two >= 16 dividing the value dim ({vd}), got {block_v}")
+  return vb
+
+
+def _setup(q, k, v, b, r, qf, kf, carry, chunk, sub_chunk, block_v):
+  """Kernel flags, extra arrays and input specs shared by the forward and backward calls."""
+  t, kd, vd = q.shape[2], q.shape[3], v.shape[3]
+  group = q.shape[1] // k.shape[1]
+  vb = _value_block(vd, block_v)
+  if carry is not None:
+    flags = dict(sub=_sub_chunk(chunk, sub_chunk), has_segments=r is not None)
+    specs = _channel_in_specs((t, kd, vd), group, t // chunk, r is not None, vb)
+    arrays = [x for x in (b, r, qf, kf, carry) if x is not None]
+  else:
+    arrays, flags = _extras(b, r, qf, kf)
+    specs = _in_specs((t, kd, vd), group, vb=vb, **flags)
+  return flags, arrays, specs, vb
+
+
 def forward(q, k, v, s0, *, b=None, r=None, qf=None, kf=None, carry=None, chunk: int, out_dtype,
-            sub_chunk: int | None = None, num_warps=None, num_stages=None, interpret: bool = False):
+            sub_chunk: int | None = None, block_v: int | None = None, num_warps=None, num_stages=None,
+            interpret: bool = False):
   """Forward pass. Returns ``(o [B, Hq, T, V] out_dtype, final state [B, Hq, K, V] float32)``.
 
   Args:
@@ -247,78 +278,75 @@ def forward(q, k, v, s0, *, b=None, r=None, qf=None, kf=None, carry=None, chunk:
       ``qf`` and ``kf`` are then ``[B, Hs, T, K]``.
     sub_chunk: per-channel decays: rows per block, a power of two >= 16 dividing the chunk
       (default 16).
+    block_v: value columns per program, a power of two >= 16 dividing ``V`` (default ``V``).
   """
   bsz, hq, t, kd = q.shape
-  hs, vd = k.shape[1], v.shape[3]
-  group = hq // hs
-  if carry is not None:
-    kernel = functools.partial(linear_fwd_channel_kernel, chunk=chunk, sub=_sub_chunk(chunk, sub_chunk),
-                               num_chunks=t // chunk, has_segments=r is not None)
-    in_specs = _channel_in_specs((t, kd, vd), group, t // chunk, r is not None)
-    arrays = [x for x in (b, r, qf, kf, carry) if x is not None]
-  else:
-    arrays, flags = _extras(b, r, qf, kf)
-    kernel = functools.partial(linear_fwd_kernel, chunk=chunk, num_chunks=t // chunk, **flags)
-    in_specs = _in_specs((t, kd, vd), group, **flags)
-  head_state = pl.BlockSpec((None, None, kd, vd), lambda b, h: (b, h, 0, 0))
+  vd = v.shape[3]
+  group = hq // k.shape[1]
+  flags, arrays, in_specs, vb = _setup(q, k, v, b, r, qf, kf, carry, chunk, sub_chunk, block_v)
+  kernel = linear_fwd_channel_kernel if carry is not None else linear_fwd_kernel
+  head_state = pl.BlockSpec((None, None, kd, vb), lambda b, h, j: (b, h, 0, j))
   return pl.pallas_call(
-      kernel,
-      grid=(bsz, hq),
-      in_specs=in_specs + [pl.BlockSpec((None, None, kd, vd), lambda b, h: (b, lax.div(h, group), 0, 0))],
-      out_specs=[pl.BlockSpec((None, None, t, vd), lambda b, h: (b, h, 0, 0)), head_state],
+      functools.partial(kernel, chunk=chunk, num_chunks=t // chunk, **flags),
+      grid=(bsz, hq, vd // vb),
+      in_specs=in_specs + [pl.BlockSpec((None, None, kd, vb), lambda b, h, j: (b, lax.div(h, group), 0, j))],
+      out_specs=[pl.BlockSpec((None, None, t, vb), lambda b, h, j: (b, h, 0, j)), head_state],
       out_shape=[jax.ShapeDtypeStruct((bsz, hq, t, vd), out_dtype),
                  jax.ShapeDtypeStruct((bsz, hq, kd, vd), jnp.float32)],
-      compiler_params=_params(num_warps, num_stages, kd, vd),
+      compiler_params=_params(num_warps, num_stages, kd, vb),
       interpret=interpret,
-      name="linear_fwd",
+      name="linear_fwd_channel" if carry is not None else "linear_fwd",
   )(q, k, v, *arrays, s0)
 
 
 def backward(q, k, v, s0, do, dst, *, b=None, r=None, qf=None, kf=None, carry=None, chunk: int,
-             sub_chunk: int | None = None, num_warps=None, num_stages=None, interpret: bool = False):
+             sub_chunk: int | None = None, block_v: int | None = None, num_warps=None, num_stages=None,
+             dkv_num_warps=None, dkv_num_stages=None, interpret: bool = False):
   """Backward pass: ``(dq [B, Hq, T, K], dk [B, Hq, T, K], dv [B, Hq, T, V], ds0 [B, Hq, K, V])``.
 
   ``do [B, Hq, T, V]`` is the output gradient and ``dst [B, Hq, K, V]`` the final-state
   gradient per query head. ``dk``, ``dv`` and ``ds0`` are per query head; all gradients are
-  float32. The decay arguments are those of :func:`forward`.
+  float32. The decay arguments and ``block_v`` are those of :func:`forward`; ``num_warps`` /
+  ``num_stages`` launch the dQ kernel, ``dkv_num_warps`` / ``dkv_num_stages`` (default: the
+  same) the dK/dV kernel.
   """
   bsz, hq, t, kd = q.shape
-  hs, vd = k.shape[1], v.shape[3]
-  group = hq // hs
+  vd = v.shape[3]
+  group = hq // k.shape[1]
   n = t // chunk
+  flags, arrays, specs, vb = _setup(q, k, v, b, r, qf, kf, carry, chunk, sub_chunk, block_v)
+  nv = vd // vb
   if carry is not None:
-    flags = dict(sub=_sub_chunk(chunk, sub_chunk), has_segments=r is not None)
     kernels = (linear_bwd_dq_channel_kernel, linear_bwd_dkv_channel_kernel)
-    specs = _channel_in_specs((t, kd, vd), group, n, r is not None)
-    arrays = [x for x in (b, r, qf, kf, carry) if x is not None]
   else:
-    arrays, flags = _extras(b, r, qf, kf)
     kernels = (linear_bwd_dq_kernel, linear_bwd_dkv_kernel)
-    specs = _in_specs((t, kd, vd), group, **flags)
-  tokens = lambda width: pl.BlockSpec((None, None, t, width), lambda b, h: (b, h, 0, 0))
-  head_state = pl.BlockSpec((None, None, kd, vd), lambda b, h: (b, h, 0, 0))
-  params = _params(num_warps, num_stages, kd, vd)
+  suffix = "_channel" if carry is not None else ""
+  values = pl.BlockSpec((None, None, t, vb), lambda b, h, j: (b, h, 0, j))
+  # dQ and dK contract over the value columns: one partial sum per column block.
+  partial_keys = pl.BlockSpec((None, None, None, t, kd), lambda b, h, j: (j, b, h, 0, 0))
+  head_state = pl.BlockSpec((None, None, kd, vb), lambda b, h, j: (b, h, 0, j))
   dq = pl.pallas_call(
       functools.partial(kernels[0], chunk=chunk, num_chunks=n, **flags),
-      grid=(bsz, hq),
-      in_specs=specs + [tokens(vd), pl.BlockSpec((None, None, kd, vd),
-                                                 lambda b, h: (b, lax.div(h, group), 0, 0))],
-      out_specs=tokens(kd),
-      out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
-      compiler_params=params,
+      grid=(bsz, hq, nv),
+      in_specs=specs + [values, pl.BlockSpec((None, None, kd, vb), lambda b, h, j: (b, lax.div(h, group), 0, j))],
+      out_specs=partial_keys,
+      out_shape=jax.ShapeDtypeStruct((nv, bsz, hq, t, kd), jnp.float32),
+      compiler_params=_params(num_warps, num_stages, kd, vb),
       interpret=interpret,
-      name="linear_bwd_dq",
+      name="linear_bwd_dq" + suffix,
   )(q, k, v, *arrays, do, s0)
   dk, dv, ds0 = pl.pallas_call(
       functools.partial(kernels[1], chunk=chunk, num_chunks=n, **flags),
-      grid=(bsz, hq),
-      in_specs=specs + [tokens(vd), head_state],
-      out_specs=[tokens(kd), tokens(vd), head_state],
-      out_shape=[jax.ShapeDtypeStruct((bsz, hq, t, kd), jnp.float32),
+      grid=(bsz, hq, nv),
+      in_specs=specs + [values, head_state],
+      out_specs=[partial_keys, values, head_state],
+      out_shape=[jax.ShapeDtypeStruct((nv, bsz, hq, t, kd), jnp.float32),
                  jax.ShapeDtypeStruct((bsz, hq, t, vd), jnp.float32),
                  jax.ShapeDtypeStruct((bsz, hq, kd, vd), jnp.float32)],
-      compiler_params=params,
+      compiler_params=_params(dkv_num_warps or num_warps, dkv_num_stages or num_stages, kd, vb),
       interpret=interpret,
-      name="linear_bwd_dkv",
+      name="linear_bwd_dkv" + suffix,
   )(q, k, v, *arrays, do, dst)
-  return dq, dk, dv, ds0
+  if nv == 1:
+    return dq[0], dk[0], dv, ds0
+  return dq.sum(0), dk.sum(0), dv, ds0

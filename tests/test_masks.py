@@ -21,7 +21,8 @@ def test_constructors_match_definitions(q_len, kv_len):
       (masks.sliding_window(2), lambda i, j: i + off - 2 <= j <= i + off),
       (masks.sliding_window(1, 2), lambda i, j: i + off - 1 <= j <= i + off + 2),
       (masks.sliding_window(1, offset=0), lambda i, j: i - 1 <= j <= i),
-      (masks.sink_tokens(2), lambda i, j: j < 2),
+      (masks.sink_tokens(2), lambda i, j: j < 2 and j <= i + off),
+      (masks.sink_tokens(2, causal=False), lambda i, j: j < 2),
       (masks.chunked_causal(3), lambda i, j: (i + off) // 3 == j // 3 and j <= i + off),
       (masks.prefix_lm(3), lambda i, j: j < 3 or j <= i + off),
   ]

@@ -17,6 +17,7 @@ from flax import nnx
 import attn_jax
 from attn_jax import masks as masks_lib
 from attn_jax import sharding
+from attn_jax.context_parallel import config as context_parallel
 from attn_jax.layers import cache as cache_lib
 from attn_jax.layers import config as config_lib
 from attn_jax.layers import nn
@@ -33,14 +34,20 @@ def _uses_shard_map(config: config_lib.AttentionConfig) -> bool:
 
 
 def _softmax_attention(config, q, k, v, mask, sinks, q_segment_ids, kv_segment_ids):
-  """``attn_jax.attention`` with the config's options, inside shard_map when the config asks."""
+  """``attn_jax.attention`` with the config's options, inside shard_map when the config asks.
+
+  When the active sharding rules split ``seq`` over a mesh axis (and the lengths divide), the
+  call is context parallel: the primitive shards the sequence (and batch / heads) itself.
+  """
+  cp = context_parallel.from_active_rules(q.shape[1], k.shape[1], num_heads=q.shape[2],
+                                          num_kv_heads=k.shape[2], batch=q.shape[0])
 
   def fn(q, k, v, sinks, q_seg, kv_seg):
     return attn_jax.attention(q, k, v, mask=mask, sinks=sinks, logits_soft_cap=config.logits_soft_cap,
                               q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                              implementation=config.implementation)
+                              implementation=config.implementation, context_parallel=cp)
 
-  if _uses_shard_map(config):
+  if cp is None and _uses_shard_map(config):
     out = sharding.shard_map_attention(fn, q, k, v, sinks=sinks, q_segment_ids=q_segment_ids,
                                        kv_segment_ids=kv_segment_ids)
   else:

@@ -128,7 +128,8 @@ class AttentionConfig:
     for p in parts[1:]:
       mask = mask & p
     if self.num_sink_tokens:
-      mask = mask | masks_lib.sink_tokens(self.num_sink_tokens)
+      # Non-causal (encoder) sinks are global tokens: visible to every query.
+      mask = mask | masks_lib.sink_tokens(self.num_sink_tokens, causal=self.causal)
       if self.causal:
         # A sink must not expose a future token to the first num_sink_tokens queries.
         mask = mask & masks_lib.causal()

@@ -23,6 +23,7 @@ from flax import nnx
 
 import attn_jax
 from attn_jax import sharding
+from attn_jax.context_parallel import config as context_parallel
 from attn_jax.layers import attention
 from attn_jax.layers import cache as cache_lib
 from attn_jax.layers import config as config_lib
@@ -88,10 +89,15 @@ class LinearMixer(nnx.Module):
             segment_ids=None):
     c = self.config
     fn = getattr(attn_jax, PRIMITIVE)
+    # Context parallel when the active rules split seq (passed only then: a stand-in primitive
+    # with the original signature keeps working).
+    cp = context_parallel.from_active_rules(q.shape[1], k.shape[1], num_heads=q.shape[2],
+                                            num_kv_heads=k.shape[2], batch=q.shape[0])
+    extra = {} if cp is None else {"context_parallel": cp}
     return fn(q, k, v, log_decay=log_decay, feature_map=c.feature_map, normalize=c.normalize,
               causal=c.causal, initial_state=initial_state, return_final_state=return_final_state,
               segment_ids=segment_ids, chunk_size=c.linear_chunk_size,
-              implementation=c.implementation)
+              implementation=c.implementation, **extra)
 
   def __call__(self, x, *, segment_ids=None, **unused):
     """``x [B, T, C]`` -> ``[B, T, C]``; ``segment_ids`` reset the state between documents."""

@@ -137,6 +137,9 @@ def _check_implementation(mech, c, platform):
     if impl == f"pallas_{kernel_platform}" and platform not in (kernel_platform, "cpu"):
       raise UnsupportedConfigError(
           f"mechanism {mech.name!r}: implementation={impl!r} cannot run on platform {platform!r}")
+  if impl == "cudnn" and platform != "gpu":
+    raise UnsupportedConfigError(
+        f"mechanism {mech.name!r}: implementation='cudnn' needs an NVIDIA GPU, platform is {platform!r}")
 
 
 def _check_softmax(c, platform):

@@ -53,6 +53,16 @@ NAMED: dict[str, Callable] = {
 }
 
 
+def is_named(feature_map) -> bool:
+  """True for None and the names of :data:`NAMED`: maps the library owns (pure, hashable)."""
+  return feature_map is None or (isinstance(feature_map, str) and feature_map in NAMED)
+
+
+def num_features(feature_map, d: int) -> int:
+  """Output size ``F`` of a named map (see :func:`is_named`) for inputs of size ``d``."""
+  return 1 + d + d * d if resolve(feature_map) is taylor else d
+
+
 def resolve(feature_map) -> Callable:
   """``None`` / a name in :data:`NAMED` / a callable -> the callable."""
   if feature_map is None:

@@ -74,15 +74,19 @@ class PallasGpuConfig:
   """Tunables of the GPU (Triton-dialect Pallas) linear-attention kernels.
 
   Attributes:
-    chunk_size: tokens per chunk, a power of two >= 16 (``None``: 64, or less for shorter
-      sequences). A ``chunk_size=`` given to the call takes precedence.
-    num_warps, num_stages: Triton launch parameters (``None``: 4 warps for feature dims <= 64,
-      else 8; 1 stage).
+    chunk_size: tokens per chunk, a power of two >= 16 (``None``: by feature dim and dtype, see
+      :func:`gpu_launch_defaults`, or less for shorter sequences). A ``chunk_size=`` given to the
+      call takes precedence.
+    block_v: value columns per program, a power of two >= 16 (``None``: by feature dim and
+      dtype); each program keeps a ``[K, block_v]`` slice of the state in registers.
+    num_warps, num_stages: Triton launch parameters of the three kernels (``None``: the
+      defaults by feature dim and dtype; 1 stage).
     interpret: run in Pallas interpret mode; ``None`` means "unless running on a GPU".
     sharding: as in :class:`PallasTpuConfig`.
   """
 
   chunk_size: int | None = None
+  block_v: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
   interpret: bool | None = None
@@ -91,8 +95,9 @@ class PallasGpuConfig:
   backend: ClassVar[str] = "pallas_gpu"
 
   def __post_init__(self):
-    dispatch.check_config_int("LinearPallasGpuConfig", "chunk_size", self.chunk_size, "a power of two >= 16",
-                              lambda c: c >= 16 and c & (c - 1) == 0)
+    for name in ("chunk_size", "block_v"):
+      dispatch.check_config_int("LinearPallasGpuConfig", name, getattr(self, name), "a power of two >= 16",
+                                lambda c: c >= 16 and c & (c - 1) == 0)
     for name in ("num_warps", "num_stages"):
       dispatch.check_config_int("LinearPallasGpuConfig", name, getattr(self, name), "a positive int", lambda n: n > 0)
 
@@ -107,6 +112,7 @@ class _Static:
   interpret: bool
   num_warps: int | None = None
   num_stages: int | None = None
+  block_v: int | None = None  # GPU only: value columns per program.
 
 
 def _backend(platform: str):
@@ -119,9 +125,14 @@ def _backend(platform: str):
     if not isinstance(config, config_type):
       raise ValueError(f"config must be a Linear{config_type.__name__} for implementation={name!r}, "
                        f"got {type(config).__name__}")
-    interpret = config.interpret
-    if interpret is None:
-      interpret = dispatch.current_platform() != platform
+    interpret = dispatch.pallas_interpret(config.interpret, platform)
+    if platform == "tpu" and q.dtype == jnp.float16:
+      # Mosaic rejects float16 vectors on TPU v4 ("Invalid vector type for load"); TPUs have no
+      # float16 arithmetic anyway, so the kernels run on float32 copies.
+      f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+      out, state = linear_attention(*f32, log_decay, initial_state, segment_ids,
+                                    spec=dataclasses.replace(spec, out_dtype=jnp.dtype(jnp.float32)), config=config)
+      return out.astype(spec.out_dtype), state
     chunk = spec.chunk_size or config.chunk_size
     if platform == "tpu":
       if chunk is not None and chunk % 8:
@@ -132,14 +143,47 @@ def _backend(platform: str):
     else:
       if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
         raise ValueError(f"chunk_size must be a power of two >= 16 for implementation={name!r}, got {chunk}")
-      chunk = chunk or min(64, max(16, dispatch.next_pow2(spec.seq_len)))
-      static = _Static(platform, spec, chunk, dispatch.next_pow2(max(16, spec.key_dim)),
-                       dispatch.next_pow2(max(16, spec.value_dim)), interpret, config.num_warps, config.num_stages)
+      key_pad, value_pad = dispatch.next_pow2(max(16, spec.key_dim)), dispatch.next_pow2(max(16, spec.value_dim))
+      d_chunk, d_block_v, d_warps = gpu_launch_defaults(spec.decay, key_pad, jnp.dtype(q.dtype).itemsize)
+      chunk = chunk or min(d_chunk, max(16, dispatch.next_pow2(spec.seq_len)))
+      block_v = min(config.block_v or d_block_v, value_pad)
+      static = _Static(platform, spec, chunk, key_pad, value_pad, interpret, config.num_warps or d_warps,
+                       config.num_stages, block_v)
+    dispatch.note("chunk", chunk)
     if config.sharding is not None:
       return _sharded(static, config.sharding, q, k, v, log_decay, initial_state, segment_ids)
     return _linear(static, q, k, v, log_decay, initial_state, segment_ids)
 
   return linear_attention
+
+
+# (chunk, block_v, num_warps) of the GPU kernels by (decay kind, feature dim bucket, bytes per
+# element), the least-spilling settings that `python -m attn_jax.compile_check` found on A100
+# (the stricter of A100 / H100) with segment ids, an initial state and GQA. A program keeps a
+# [K, block_v] float32 state slice (and in the backward pass its gradient) in registers, plus
+# [chunk, K] tiles; per-channel decays add [16, chunk] sub-chunk scores and [chunk, K] factors.
+# 16 warps cap ptxas at 128 registers a thread and spill more; 8 is the ceiling that helps.
+_GPU_LAUNCH = {
+    ("scalar", 64, 2): (32, 32, 8), ("scalar", 128, 2): (16, 32, 8), ("scalar", 256, 2): (16, 16, 8),
+    ("scalar", 64, 4): (16, 32, 8), ("scalar", 128, 4): (16, 16, 8), ("scalar", 256, 4): (16, 16, 8),
+    ("channel", 64, 2): (16, 32, 4), ("channel", 128, 2): (16, 16, 8), ("channel", 256, 2): (16, 16, 8),
+    ("channel", 64, 4): (16, 16, 8), ("channel", 128, 4): (16, 16, 8), ("channel", 256, 4): (16, 16, 8),
+}
+
+
+def gpu_launch_defaults(decay: str, key_dim: int, itemsize: int) -> tuple[int, int, int]:
+  """Default ``(chunk, block_v, num_warps)`` of the GPU kernels.
+
+  Args:
+    decay: ``"none"``, ``"scalar"`` or ``"channel"`` (:mod:`attn_jax.linear.common`).
+    key_dim: the (power-of-two padded) feature dim of q and k.
+    itemsize: bytes per element of q / k / v.
+
+  One set serves A100 and H100 (the same register file), so no device query is needed.
+  """
+  kind = "channel" if decay == common.CHANNEL else "scalar"
+  bucket = 64 if key_dim <= 64 else 128 if key_dim <= 128 else 256
+  return _GPU_LAUNCH[(kind, bucket, 4 if itemsize >= 4 else 2)]
 
 
 linear_attention_tpu = _backend("tpu")
@@ -223,7 +267,7 @@ def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch):
 def _launch_options(st: _Static):
   opts = dict(chunk=st.chunk, interpret=st.interpret)
   if st.platform == "gpu":
-    opts.update(num_warps=st.num_warps, num_stages=st.num_stages)
+    opts.update(num_warps=st.num_warps, num_stages=st.num_stages, block_v=st.block_v)
   return opts
 
 

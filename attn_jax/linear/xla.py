@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attn_jax import dispatch
 from attn_jax.linear import common
 
 DEFAULT_CHUNK = 64
@@ -89,6 +90,7 @@ def linear_attention(q, k, v, log_decay, initial_state, segment_ids, *, spec: co
   if not isinstance(config, XlaConfig):
     raise ValueError(f"config must be a LinearXlaConfig for implementation='xla', got {type(config).__name__}")
   chunk = chunk_length(spec, config.chunk_size)
+  dispatch.note("chunk", chunk)
   return chunked(q, k, v, log_decay, initial_state, segment_ids, spec=spec, chunk=chunk,
                  sub_chunk=_sub_chunk(chunk, config.sub_chunk))
 

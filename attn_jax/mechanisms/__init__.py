@@ -13,6 +13,35 @@ from attn_jax.mechanisms.linear import retention
 from attn_jax.mechanisms.linear import retnet_decays
 from attn_jax.mechanisms.linear import short_conv
 from attn_jax.mechanisms.linear import sliding_window_attention
+from attn_jax.mechanisms.compressed_conv import compressed_conv_attention
+from attn_jax.mechanisms.compressed_conv import value_shift
+from attn_jax.mechanisms.local_linear import local_linear_attention
+from attn_jax.mechanisms.local_linear import local_linear_attention_reference
+from attn_jax.mechanisms.moh import MoHGates
+from attn_jax.mechanisms.moh import moh_attention
+from attn_jax.mechanisms.moh import moh_attention_reference
+from attn_jax.mechanisms.moh import moh_gates
+from attn_jax.mechanisms.rcmha import rcmha_attention
+from attn_jax.mechanisms.rcmha import relative_attention
+from attn_jax.mechanisms.rcmha import relative_attention_reference
+from attn_jax.mechanisms.rcmha import relative_frequencies
+from attn_jax.mechanisms.selective import selective_attention
+from attn_jax.mechanisms.selective import selective_attention_reference
+from attn_jax.mechanisms.selective import selective_temperature
+from attn_jax.mechanisms.titans import MemorySpec
+from attn_jax.mechanisms.titans import MemoryState
+from attn_jax.mechanisms.titans import init_memory
+from attn_jax.mechanisms.titans import init_state as init_memory_state
+from attn_jax.mechanisms.titans import memory_readout
+from attn_jax.mechanisms.titans import neural_memory
+from attn_jax.mechanisms.titans import neural_memory_step
+from attn_jax.mechanisms.titans_blocks import TitansConfig
+from attn_jax.mechanisms.titans_blocks import init_titans
+from attn_jax.mechanisms.titans_blocks import mac_mask
+from attn_jax.mechanisms.titans_blocks import titans_block
+from attn_jax.mechanisms.titans_blocks import titans_mac
+from attn_jax.mechanisms.titans_blocks import titans_mag
+from attn_jax.mechanisms.titans_blocks import titans_mal
 
 __all__ = [
     "aaren",
@@ -28,4 +57,14 @@ __all__ = [
     "retnet_decays",
     "short_conv",
     "sliding_window_attention",
+]
+
+# Attention layers and test-time memories of issue 15.
+__all__ += [
+    "compressed_conv_attention", "value_shift", "local_linear_attention", "local_linear_attention_reference",
+    "MoHGates", "moh_attention", "moh_attention_reference", "moh_gates", "rcmha_attention", "relative_attention",
+    "relative_attention_reference", "relative_frequencies", "selective_attention", "selective_attention_reference",
+    "selective_temperature", "MemorySpec", "MemoryState", "init_memory", "init_memory_state", "memory_readout",
+    "neural_memory", "neural_memory_step", "TitansConfig", "init_titans", "mac_mask", "titans_block", "titans_mac",
+    "titans_mag", "titans_mal",
 ]

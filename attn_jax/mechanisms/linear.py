@@ -229,7 +229,9 @@ def lightnet_attention(q, k, v, *, causal=True, chunk_size=None, implementation=
     z = lax.cumlogsumexp(kf, axis=1)
     keys = jnp.exp(kf - z)
     prev = jnp.concatenate([z[:, :1], z[:, :-1]], axis=1)
-    log_decay = prev - z  # <= 0; the first token's value is irrelevant (the state starts at 0).
+    # <= 0 in exact arithmetic; the minimum removes rounding noise of the scan (a positive log
+    # decay is an error for linear_attention). The first token's value is irrelevant.
+    log_decay = linear_api.clamp_log_decay(prev - z)
     o = linear_api.linear_attention(q, keys.astype(q.dtype), v, log_decay=log_decay, chunk_size=chunk_size,
                                     implementation=implementation)
   else:

@@ -5,11 +5,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
+from attn_jax import _jit_cache
 from attn_jax import dispatch
+from attn_jax.context_parallel import config as cp_config
+from attn_jax.context_parallel import neighborhood as cp_neighborhood
 from attn_jax.neighborhood import mask as mask_lib
 from attn_jax.neighborhood import tiling
 from attn_jax.softmax import api as softmax_api
@@ -71,42 +77,63 @@ def resolve_backend(implementation: str | None) -> str:
   """The softmax backend that will serve the call (the platform's first when None)."""
   if implementation is not None:
     return implementation
-  order = dispatch.platform_order(softmax_api.FAMILY)
+  # cuDNN (first on GPU) serves causal bands only, never a neighborhood mask: the first backend
+  # that takes block-sparse masks serves the call.
+  order = [n for n in dispatch.platform_order(softmax_api.FAMILY) if n != "cudnn"]
   return order[0] if order else "xla"
 
 
-def _tpu_native() -> bool:
-  return dispatch.current_platform() == "tpu"
+# Block sizes each kernel accepts; tiles are chosen among them so that one block is one tile. The
+# TPU kernel takes multiples of 128 on the hardware (the lane width) and of 8 in interpret mode.
+def _gpu_block_ok(n: int) -> bool:
+  return n >= 16 and n & (n - 1) == 0
 
 
-# Block sizes each kernel accepts; tiles are chosen among them so that one block is one tile.
-_BLOCK_RULES = {
-    "pallas_gpu": lambda n: n >= 16 and n & (n - 1) == 0,
-    "pallas_tpu": lambda n: n % 128 == 0 if _tpu_native() else n % 8 == 0,
-}
+def tile_volume_rule(name: str, interpret: bool | None = None):
+  """Predicate on tile token counts that the backend ``name`` can use as its block size.
+
+  ``interpret`` is the Pallas config's flag (None: interpret unless on the kernel's platform).
+  None for backends that take any block size.
+  """
+  if name == "pallas_gpu":
+    return _gpu_block_ok
+  if name == "pallas_tpu":
+    if dispatch.interpret_mode(interpret, "tpu"):
+      return lambda n: n % 8 == 0
+    return lambda n: n % 128 == 0
+  return None
 
 
-def tile_volume_rule(name: str):
-  """Predicate on tile token counts that the backend ``name`` can use as its block size."""
-  return _BLOCK_RULES.get(name)
+_CONFIGS = {"xla": xla.XlaConfig, "pallas_tpu": pallas.PallasTpuConfig, "pallas_gpu": pallas.PallasGpuConfig}
 
 
-def backend_config(name: str, block_size: int):
+def backend_config(name: str, block_size: int, base=None):
   """The softmax backend config whose blocks coincide with the grid tiles.
 
   ``block_size`` is the tile's token count, so each attention block is one tile of queries
-  against one tile of keys. For a kernel that cannot take that block size (e.g. a 7x7 tile on a
-  GPU, whose blocks are powers of two) the kernel keeps its own block sizes: still exact, but its
-  BlockMask is built element-wise and has fewer full blocks. None for the reference backend.
+  against one tile of keys; GPU kernels keep their own register-bound blocks. For a kernel that
+  cannot take that block size (e.g. a 7x7 tile on a GPU, whose blocks are powers of two) the
+  kernel keeps its own block sizes: still exact, but its BlockMask is built element-wise and has
+  fewer full blocks. ``base`` is the caller's config of
+  that backend (``NeighborhoodConfig.attention_config``): its other fields are kept, and block
+  sizes it sets are not overridden. None for the reference backend (or a kernel that keeps its
+  default config).
   """
-  if name == "xla":
-    return xla.XlaConfig(block_q=block_size, block_kv=block_size)
-  rule = _BLOCK_RULES.get(name)
-  if rule is not None and rule(block_size):
-    if name == "pallas_gpu":
-      return pallas.PallasGpuConfig(block_q=block_size, block_kv=block_size)
-    return pallas.PallasTpuConfig(block_q=block_size, block_kv=block_size)
-  return None
+  cls = _CONFIGS.get(name)
+  if cls is None:
+    return base
+  config = base if base is not None else cls()
+  if config.block_q is not None or config.block_kv is not None:
+    return config
+  rule = tile_volume_rule(name, getattr(config, "interpret", None))
+  if rule is not None and not rule(block_size):
+    return base
+  if name == "pallas_gpu":
+    # The GPU kernels keep their own blocks: tile-sized blocks (up to 128 x 128) spill registers
+    # or exceed an A100's shared memory at large head dims (the compile check). Tiles and blocks
+    # are both powers of two, so one divides the other and most blocks are still exact boxes.
+    return base
+  return dataclasses.replace(config, block_q=block_size, block_kv=block_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +146,18 @@ class NeighborhoodConfig:
       :func:`attn_jax.neighborhood.tiling.choose_tile_shape`.
     target_tile_size: the largest tile (in tokens) the heuristic considers; tiles below it are
       costed as if they had this size (kernel steps cost about the same below it).
+    attention_config: the config of the softmax backend that runs the permuted attention
+      (:class:`attn_jax.XlaConfig`, :class:`attn_jax.PallasTpuConfig` or
+      :class:`attn_jax.PallasGpuConfig`); it selects that backend, as ``config=`` does for
+      :func:`attn_jax.attention`. Its block sizes, when None, become the tile size (when the
+      kernel accepts it); its other fields apply as given, e.g.
+      ``PallasGpuConfig(interpret=False)`` lowers the real GPU kernel on any machine and
+      ``PallasTpuConfig(interpret=True)`` interprets the TPU kernel even on a TPU.
   """
 
   tile_shape: tuple[int, ...] | None = None
   target_tile_size: int = 128
+  attention_config: object | None = None
 
   def __post_init__(self):
     if self.tile_shape is not None:
@@ -133,6 +168,10 @@ class NeighborhoodConfig:
     t = self.target_tile_size
     if isinstance(t, bool) or not isinstance(t, int) or t < 1:
       raise ValueError(f"NeighborhoodConfig.target_tile_size must be a positive int, got {t!r}")
+    a = self.attention_config
+    if a is not None and not isinstance(a, tuple(_CONFIGS.values())):
+      raise ValueError(f"NeighborhoodConfig.attention_config must be an XlaConfig, PallasTpuConfig or "
+                       f"PallasGpuConfig, got {type(a).__name__}")
 
 
 def _check_array(name, x):
@@ -140,9 +179,15 @@ def _check_array(name, x):
     raise ValueError(f"{name} must be an array, got {type(x).__name__}")
 
 
-def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, *,
-                           sinks=None, additional_keys=None, additional_values=None, scale=None,
-                           implementation=None, return_lse=False, config=None):
+def neighborhood_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int | Sequence[int],
+                           stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1,
+                           is_causal: bool | Sequence[bool] = False, *, sinks: ArrayLike | None = None,
+                           additional_keys: jax.Array | None = None,
+                           additional_values: jax.Array | None = None, scale: float | None = None,
+                           implementation: str | None = None, return_lse: bool = False,
+                           config: NeighborhoodConfig | None = None,
+                           context_parallel: cp_config.ContextParallel | None = None,
+                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Neighborhood attention over a 1-D, 2-D or 3-D token grid, with NATTEN's semantics.
 
   Each query attends to a window of ``kernel_size`` keys per axis around it (the product over
@@ -195,9 +240,17 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
     additional_keys, additional_values: ``[B, N_extra, Hkv, D]`` / ``[B, N_extra, Hkv, Dv]``,
       e.g. text tokens, visible to every query (both or neither).
     scale: logit scale, default ``D ** -0.5``.
-    implementation: softmax backend (None: the platform's default; ``"xla"``; ``"reference"``).
+    implementation: softmax backend (None: the backend of ``config.attention_config`` if given,
+      else the platform's default; ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``,
+      ``"reference"``).
     return_lse: also return the log-sum-exp ``[B, *spatial, Hq]`` (float32).
-    config: a :class:`NeighborhoodConfig` (tile shape); None uses the heuristic.
+    config: a :class:`NeighborhoodConfig` (tile shape, softmax backend config); None uses the
+      heuristic tile and the backend's defaults.
+    context_parallel: an :class:`attn_jax.ContextParallel`: the leading spatial axis is split
+      over its mesh axis; each device receives the halo rows of K/V its windows reach from its
+      neighbours (``ppermute``, not an all-gather) and attends its own rows
+      (:mod:`attn_jax.context_parallel.neighborhood`). The leading size must be divisible by the
+      axis size; the strategy field is not used. None: no sharding of the grid.
 
   Returns:
     ``out [B, *spatial, Hq, Dv]`` in the dtype of ``q`` (and ``lse`` with ``return_lse``).
@@ -245,25 +298,63 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
     config = NeighborhoodConfig()
   elif not isinstance(config, NeighborhoodConfig):
     raise ValueError(f"config must be a NeighborhoodConfig or None, got {type(config).__name__}")
-  backend = resolve_backend(implementation)
-  tile_shape = config.tile_shape
+  attention_config = config.attention_config
+  if attention_config is not None:
+    if implementation is not None and implementation != attention_config.backend:
+      raise ValueError(f"implementation={implementation!r} contradicts config.attention_config, a "
+                       f"{type(attention_config).__name__} (backend {attention_config.backend!r})")
+    implementation = attention_config.backend
+  if config.tile_shape is not None and len(config.tile_shape) != n:
+    raise ValueError(f"config.tile_shape must have one entry per spatial axis ({n}), got {config.tile_shape}")
+  if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    raise ValueError(f"scale must be a finite Python float (static) or None, got {scale!r}")
+  if context_parallel is not None:
+    if not isinstance(context_parallel, cp_config.ContextParallel):
+      raise ValueError(f"context_parallel must be an attn_jax.ContextParallel or None, got "
+                       f"{type(context_parallel).__name__}")
+    return cp_neighborhood.neighborhood_attention(
+        q, k, v, kernel_size, stride, dilation, is_causal, sinks=sinks, additional_keys=additional_keys,
+        additional_values=additional_values, scale=float(scale), implementation=implementation,
+        return_lse=return_lse, config=config, cp=context_parallel, attend=neighborhood_attention)
+  static = _Static(spatial, kernel_size, stride, dilation, is_causal, float(scale),
+                   resolve_backend(implementation), config, dispatch.state_key(softmax_api.FAMILY))
+  out, lse = _run(static, q, k, v, sinks, additional_keys, additional_values)
+  return (out, lse) if return_lse else out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Static description of a :func:`neighborhood_attention` call after argument checking."""
+
+  spatial: tuple[int, ...]
+  kernel_size: tuple[int, ...]
+  stride: tuple[int, ...]
+  dilation: tuple[int, ...]
+  is_causal: tuple[bool, ...]
+  scale: float
+  backend: str
+  config: NeighborhoodConfig
+  dispatch_state: tuple  # the platform decides the tile rules as well as the backend
+
+
+@_jit_cache.cached
+def _run(st: _Static, q, k, v, sinks, additional_keys, additional_values):
+  """Permute, attend, unpermute: compiled once per :class:`_Static` and array shapes."""
+  attention_config = st.config.attention_config
+  tile_shape = st.config.tile_shape
   if tile_shape is None:
-    tile_shape = tiling.choose_tile_shape(spatial, kernel_size, stride, dilation, is_causal,
-                                          config.target_tile_size, tile_volume_rule(backend))
-  elif len(tile_shape) != n:
-    raise ValueError(f"config.tile_shape must have one entry per spatial axis ({n}), got {tile_shape}")
-  layout = tiling.TileLayout(spatial, dilation, tile_shape)
-  mask = mask_lib.NeighborhoodMask(layout, kernel_size, stride, is_causal)
+    tile_shape = tiling.choose_tile_shape(
+        st.spatial, st.kernel_size, st.stride, st.dilation, st.is_causal, st.config.target_tile_size,
+        tile_volume_rule(st.backend, getattr(attention_config, "interpret", None)))
+  layout = tiling.TileLayout(st.spatial, st.dilation, tile_shape)
+  mask = mask_lib.NeighborhoodMask(layout, st.kernel_size, st.stride, st.is_causal)
 
   qp, kp, vp = layout.permute(q), layout.permute(k), layout.permute(v)
   if additional_keys is not None:
     kp = jnp.concatenate([kp, additional_keys], axis=1)
     vp = jnp.concatenate([vp, additional_values], axis=1)
-  out, lse = softmax_api.attention(qp, kp, vp, mask=mask, scale=scale, sinks=sinks,
-                                   implementation=backend,
-                                   config=backend_config(backend, layout.tile_size),
+  out, lse = softmax_api.attention(qp, kp, vp, mask=mask, scale=st.scale, sinks=sinks,
+                                   implementation=st.backend,
+                                   config=backend_config(st.backend, layout.tile_size, attention_config),
                                    return_lse=True)
-  out = layout.unpermute(out)
-  if return_lse:
-    return out, layout.unpermute(lse)
-  return out
+  return layout.unpermute(out), layout.unpermute(lse)

@@ -7,10 +7,14 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from attn_jax import dispatch
 from attn_jax import masks as masks_lib
+from attn_jax.context_parallel import config as cp_config
+from attn_jax.context_parallel import softmax as cp_softmax
 from attn_jax.softmax import common
+from attn_jax.softmax import cudnn
 from attn_jax.softmax import pallas
 from attn_jax.softmax import reference
 from attn_jax.softmax import xla
@@ -21,6 +25,7 @@ dispatch.register(FAMILY, "reference", reference.attention)
 dispatch.register(FAMILY, "xla", xla.attention)
 dispatch.register(FAMILY, "pallas_tpu", pallas.attention_tpu)
 dispatch.register(FAMILY, "pallas_gpu", pallas.attention_gpu)
+dispatch.register(FAMILY, "cudnn", cudnn.attention)
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -55,9 +60,14 @@ def _check_static_number(name, value, positive=False):
   return value
 
 
-def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=None,
-              q_segment_ids=None, kv_segment_ids=None, implementation=None, return_lse=False,
-              config=None):
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask | None = None,
+              scale: float | None = None, sinks: ArrayLike | None = None,
+              logits_soft_cap: float | None = None, q_segment_ids: ArrayLike | None = None,
+              kv_segment_ids: ArrayLike | None = None, implementation: str | None = None,
+              return_lse: bool = False,
+              config: xla.XlaConfig | pallas.PallasTpuConfig | pallas.PallasGpuConfig | None = None,
+              context_parallel: cp_config.ContextParallel | None = None,
+              ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Softmax attention ``softmax(scale * q k^T + mask) v`` in the ``[batch, seq, heads, dim]`` layout.
 
   Covers the four CAB patterns: non-causal self (``mask=None``), causal self
@@ -79,11 +89,17 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
       a key only if their ids are equal (packed sequences), in addition to ``mask``. For self
       attention ``kv_segment_ids`` may be omitted and defaults to ``q_segment_ids``.
     implementation: None (first backend of this platform that serves the call), or one of
-      ``"reference"``, ``"xla"`` (and the Pallas kernels when installed). An explicit choice that
-      cannot serve the call raises ``NotImplementedError``; it is never replaced.
+      ``"reference"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``, ``"cudnn"`` (cuDNN through
+      ``jax.nn.dot_product_attention``: NVIDIA GPUs, bf16/f16, causal bands). An explicit choice
+      that cannot serve the call raises ``NotImplementedError``; it is never replaced.
     return_lse: also return the log-sum-exp of each row.
     config: backend tunables (e.g. :class:`attn_jax.XlaConfig`); with ``implementation=None`` it
       selects its own backend.
+    context_parallel: an :class:`attn_jax.ContextParallel`: q, k, v (and segment ids) are split
+      along the sequence over its mesh axis and each device attends its queries to every key
+      shard by ring or all-gather (see :mod:`attn_jax.context_parallel.softmax`); each device
+      runs the chosen backend on its local tiles. ``q_len`` and ``kv_len`` must be divisible by
+      the axis size (times 2 with zig-zag load balancing). None: no sequence sharding.
 
   Returns:
     ``out [B, Tq, Hq, Dv]`` in the dtype of ``q``; with ``return_lse``, also
@@ -116,6 +132,7 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
   elif not isinstance(mask, masks_lib.Mask):
     raise ValueError(f"mask must be an attn_jax.masks.Mask or None, got {type(mask).__name__}")
   mask.validate(masks_lib.MaskContext(tq, tk))
+  masks_lib.check_heads(mask, hq)
   masks_lib.check_num_heads(mask, hq)
 
   scale = 1.0 / math.sqrt(d) if scale is None else _check_static_number("scale", scale)
@@ -147,8 +164,15 @@ def attention(q, k, v, *, mask=None, scale=None, sinks=None, logits_soft_cap=Non
   spec = common.Spec(
       mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, q_len=tq, kv_len=tk,
       num_q_heads=hq, num_kv_heads=hkv, head_dim=d, v_head_dim=v.shape[3],
-      has_sinks=sinks is not None, has_segments=q_segment_ids is not None)
-  out, lse = dispatch.dispatch(FAMILY, implementation, q, k, v, sinks, q_segment_ids,
-                               kv_segment_ids, spec=spec, config=config)
+      has_sinks=sinks is not None, has_segments=q_segment_ids is not None, return_lse=bool(return_lse))
+  if context_parallel is not None:
+    if not isinstance(context_parallel, cp_config.ContextParallel):
+      raise ValueError(f"context_parallel must be an attn_jax.ContextParallel or None, got "
+                       f"{type(context_parallel).__name__}")
+    out, lse = cp_softmax.attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, spec=spec,
+                                    cp=context_parallel, implementation=implementation, config=config)
+  else:
+    out, lse = dispatch.dispatch(FAMILY, implementation, q, k, v, sinks, q_segment_ids,
+                                 kv_segment_ids, spec=spec, config=config)
   return (out, lse) if return_lse else out
 

@@ -30,6 +30,8 @@ class Spec:
   v_head_dim: int
   has_sinks: bool
   has_segments: bool
+  # Whether the caller asked for the log-sum-exp; backends that cannot produce it (cudnn) refuse.
+  return_lse: bool = False
 
   @property
   def group_size(self) -> int:

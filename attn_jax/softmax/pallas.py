@@ -148,14 +148,42 @@ def _tpu_generation(config: PallasTpuConfig) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class PallasGpuLaunch:
+  """Block sizes and Triton launch parameters of one GPU kernel (forward, dQ or dK/dV).
+
+  Every field left None falls back to :class:`PallasGpuConfig`'s field of the same name, then to
+  that kernel's heuristic default.
+  """
+
+  block_q: int | None = None
+  block_kv: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  def __post_init__(self):
+    _check_gpu_launch("PallasGpuLaunch", self)
+
+
+def _check_gpu_launch(owner, launch):
+  for name in ("block_q", "block_kv"):
+    dispatch.check_config_int(owner, name, getattr(launch, name), "a power of two >= 16",
+                              lambda b: b >= 16 and b & (b - 1) == 0)
+  for name in ("num_warps", "num_stages"):
+    dispatch.check_config_int(owner, name, getattr(launch, name), "a positive int", lambda b: b > 0)
+
+
+@dataclasses.dataclass(frozen=True)
 class PallasGpuConfig:
   """Tunables of the GPU (Triton-dialect Pallas) kernels.
 
   Attributes:
-    block_q, block_kv: tile sizes, powers of two >= 16. ``None`` picks 128 x 64 for head dims up
-      to 128 and 64 x 32 above, capped by the (power-of-two-rounded) sequence lengths.
-    num_warps, num_stages: Triton launch parameters (``None``: 4 warps for head dims <= 64,
-      else 8; 2 stages).
+    block_q, block_kv: tile sizes of all three kernels, powers of two >= 16 (``None``: each
+      kernel's default by head dim and dtype, see :func:`gpu_launch_defaults`, capped by the
+      power-of-two-rounded sequence lengths).
+    num_warps, num_stages: Triton launch parameters of all three kernels (``None``: each
+      kernel's default).
+    fwd, dq, dkv: :class:`PallasGpuLaunch` overrides for one kernel (the forward, the dQ and the
+      dK/dV kernel); their None fields fall back to the fields above.
     interpret, sharding, record_visits: as in :class:`PallasTpuConfig`.
   """
 
@@ -163,6 +191,9 @@ class PallasGpuConfig:
   block_kv: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
+  fwd: PallasGpuLaunch | None = None
+  dq: PallasGpuLaunch | None = None
+  dkv: PallasGpuLaunch | None = None
   interpret: bool | None = None
   sharding: NamedSharding | None = None
   record_visits: Callable[..., None] | None = None
@@ -170,11 +201,11 @@ class PallasGpuConfig:
   backend: ClassVar[str] = "pallas_gpu"
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv"):
-      dispatch.check_config_int("PallasGpuConfig", name, getattr(self, name), "a power of two >= 16",
-                                lambda b: b >= 16 and b & (b - 1) == 0)
-    for name in ("num_warps", "num_stages"):
-      dispatch.check_config_int("PallasGpuConfig", name, getattr(self, name), "a positive int", lambda b: b > 0)
+    _check_gpu_launch("PallasGpuConfig", self)
+    for name in _GPU_KERNELS:
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, PallasGpuLaunch):
+        raise ValueError(f"PallasGpuConfig.{name} must be a PallasGpuLaunch or None, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +219,11 @@ class _Static:
   # TPU only.
   tpu_blocks: flash_tpu.Blocks | None = None
   schedule_bytes: int = schedule_lib.DEFAULT_SCHEDULE_BYTES
-  # GPU only.
+  # GPU only: launch parameters of the forward kernel (whose blocks are the fields above) and
+  # (block_q, block_kv, num_warps, num_stages) of the dQ and dK/dV kernels.
   num_warps: int | None = None
   num_stages: int | None = None
+  gpu_bwd: tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None = None
 
   @property
   def block_mask(self) -> block_mask_lib.BlockMask:
@@ -248,13 +281,65 @@ def _tpu_blocks(config: PallasTpuConfig, spec: common.Spec, interpret: bool, gro
   return flash_tpu.Blocks(bq, bk, bkc, stack, bqc, vmem, fused)
 
 
-def _gpu_blocks(config: PallasGpuConfig, spec: common.Spec):
-  big = max(spec.head_dim, spec.v_head_dim) > 128
-  bq = config.block_q or min(64 if big else 128, max(16, dispatch.next_pow2(spec.q_len)))
-  bk = config.block_kv or min(32 if big else 64, max(16, dispatch.next_pow2(spec.kv_len)))
-  warps = config.num_warps or (4 if max(spec.head_dim, spec.v_head_dim) <= 64 else 8)
-  stages = config.num_stages or 2
-  return bq, bk, warps, stages
+_GPU_KERNELS = ("fwd", "dq", "dkv")
+
+
+# (block_q, block_kv, num_warps, num_stages) per kernel, by (head dim bucket, bytes per element).
+# The dK/dV kernel holds a key block (block_kv rows) and walks query blocks of block_q rows. Read
+# off ptxas and the A100 shared-memory limit with `python -m attn_jax.compile_check` (worst case:
+# tiles read from the BlockMask, soft-cap, segment ids): every entry up to head dim 128 spills no
+# register on H100 or A100 and fits the A100's 163 KiB of shared memory.
+_GPU_LAUNCH = {
+    # 16-bit inputs (bfloat16, float16)
+    (64, 2): {"fwd": (128, 64, 8, 2), "dq": (128, 64, 8, 2), "dkv": (32, 64, 8, 2)},
+    (128, 2): {"fwd": (128, 32, 8, 2), "dq": (128, 32, 8, 2), "dkv": (32, 32, 8, 2)},
+    (256, 2): {"fwd": (64, 32, 8, 2), "dq": (32, 32, 8, 2), "dkv": (32, 32, 8, 2)},
+    # float32 inputs: operand tiles take twice the registers.
+    (64, 4): {"fwd": (128, 32, 8, 2), "dq": (32, 32, 8, 2), "dkv": (32, 32, 4, 2)},
+    (128, 4): {"fwd": (32, 32, 8, 2), "dq": (32, 32, 8, 2), "dkv": (32, 32, 8, 2)},
+    (256, 4): {"fwd": (32, 32, 8, 2), "dq": (32, 16, 8, 2), "dkv": (16, 32, 8, 2)},
+}
+
+
+def gpu_launch_defaults(kernel: str, head_dim: int, itemsize: int) -> tuple[int, int, int, int]:
+  """Default ``(block_q, block_kv, num_warps, num_stages)`` of a GPU kernel.
+
+  Args:
+    kernel: ``"fwd"``, ``"dq"`` or ``"dkv"``.
+    head_dim: the larger of the (power-of-two padded) QK and V head dims, at most 256.
+    itemsize: bytes per element of q / k / v (2 for bfloat16 / float16, 4 for float32).
+
+  One set of parameters serves A100 and H100 (the same register file; the A100's smaller shared
+  memory bounds the blocks), so the choice needs no device query at trace time.
+  """
+  bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+  return _GPU_LAUNCH[(bucket, 4 if itemsize >= 4 else 2)][kernel]
+
+
+def _gpu_launches(config: PallasGpuConfig, spec: common.Spec, itemsize: int):
+  """``{kernel: (block_q, block_kv, num_warps, num_stages)}`` for the three GPU kernels."""
+  head_dim = max(16, dispatch.next_pow2(max(spec.head_dim, spec.v_head_dim)))
+  q_cap = max(16, dispatch.next_pow2(spec.q_len))
+  kv_cap = max(16, dispatch.next_pow2(spec.kv_len))
+  out = {}
+  for kernel in _GPU_KERNELS:
+    own = getattr(config, kernel) or PallasGpuLaunch()
+    default = gpu_launch_defaults(kernel, head_dim, itemsize)
+    bq, bk, warps, stages = (
+        getattr(own, f) or getattr(config, f) or dflt
+        for f, dflt in zip(("block_q", "block_kv", "num_warps", "num_stages"), default))
+    if not (own.block_q or config.block_q):
+      bq = min(bq, q_cap)
+    if not (own.block_kv or config.block_kv):
+      bk = min(bk, kv_cap)
+    out[kernel] = (bq, bk, warps, stages)
+  return out
+
+
+def _gpu_pass(st: _Static, kernel: str) -> _Static:
+  """The static description of the GPU backward kernel ``kernel`` ("dq" or "dkv")."""
+  bq, bk, warps, stages = st.gpu_bwd[("dq", "dkv").index(kernel)]
+  return dataclasses.replace(st, block_q=bq, block_kv=bk, num_warps=warps, num_stages=stages)
 
 
 def _mask_spec(st: _Static) -> flash_common.MaskSpec:
@@ -318,12 +403,14 @@ def _tpu_schedules(st: _Static, mask, head_offset, local_q_heads: int, local_kv_
   return rows, cols, as_steps(rows, row_map), as_steps(cols, col_map)
 
 
-def _gpu_schedules(st: _Static, mask, head_offset, local_q_heads: int):
+def _gpu_schedules(st: _Static, mask, head_offset, local_q_heads: int, which=(False, True)):
+  """The BlockMask's row lists (``False`` in ``which``) and / or column lists (``True``), as
+  :class:`flash_common.Lists` with the head map cut to this shard's heads."""
   bm = st.block_mask
   _, kv_ids, q_ids = _tile_ids(st, mask)
   out = []
-  for ids, transposed in ((kv_ids, False), (q_ids, True)):
-    head_map, *rest = schedule_lib.gpu_lists(bm, ids, transposed)
+  for transposed in which:
+    head_map, *rest = schedule_lib.gpu_lists(bm, q_ids if transposed else kv_ids, transposed)
     head_map = _local_map(head_map, head_offset[0], local_q_heads, bm.num_masks == 1)
     out.append(flash_common.Lists(head_map, *(jnp.asarray(a) for a in rest)))
   return out
@@ -376,7 +463,7 @@ def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset):
     o, lse = flash_tpu.flash_fwd(qp, kp, vp, sinks32, qs, ks, head_offset, row_sched, tiles,
                                  layout=rows.layout, capacity=rows.capacity, **_kernel_kwargs(st, mask))
   else:
-    row_lists, _ = _gpu_schedules(st, mask, head_offset, q.shape[2])
+    (row_lists,) = _gpu_schedules(st, mask, head_offset, q.shape[2], (False,))
     o, lse = flash_gpu.flash_fwd(qp, kp, vp, sinks32, qs, ks, head_offset, row_lists, tiles,
                                  **_kernel_kwargs(st, mask))
   return o[:, :tq, :, :v.shape[3]], lse[:, :tq]
@@ -392,6 +479,32 @@ def _flash_fwd(st, q, k, v, sinks, q_seg, kv_seg, head_offset):
   return (out, lse), (q, k, v, sinks, q_seg, kv_seg, head_offset, out, lse)
 
 
+def _bwd_inputs(st: _Static, q, k, v, q_seg, kv_seg, head_offset, lse, d_out, delta):
+  """The backward kernels' inputs padded to the blocks of ``st``: ``(q, k, v, q_seg, kv_seg, lse,
+  do, delta)``."""
+  del head_offset
+  qp, kp, vp, qs, ks = _padded(st, q, k, v, q_seg, kv_seg)
+  tq_pad = qp.shape[1]
+  _, dv = _head_dims(st)
+  # Rows that must contribute nothing get lse = +inf, so p = exp(s - lse) is exactly 0 there:
+  # padded rows and rows that saw no key.
+  lse_b = _pad_to(jnp.where(jnp.isfinite(lse), lse, jnp.inf), 1, tq_pad, jnp.inf)
+  do = _pad_to(_pad_to(d_out, 1, tq_pad), 3, dv).astype(q.dtype)
+  delta = _pad_to(delta, 1, tq_pad)
+  return qp, kp, vp, qs, ks, lse_b, do, delta
+
+
+def _gpu_bwd_pass(st: _Static, kernel: str, q, k, v, q_seg, kv_seg, head_offset, lse, d_out, delta):
+  """Runs the GPU backward kernel ``kernel`` ("dq" or "dkv") on its own blocks and BlockMask."""
+  mask = _mask_spec(st)
+  qp, kp, vp, qs, ks, lse_b, do, delta = _bwd_inputs(st, q, k, v, q_seg, kv_seg, head_offset, lse,
+                                                     d_out, delta)
+  tiles = jnp.asarray(_tile_ids(st, mask)[0])
+  (lists,) = _gpu_schedules(st, mask, head_offset, q.shape[2], (kernel == "dkv",))
+  fn = flash_gpu.flash_dq if kernel == "dq" else flash_gpu.flash_dkv
+  return fn(qp, kp, vp, qs, ks, head_offset, lists, tiles, lse_b, do, delta, **_kernel_kwargs(st, mask))
+
+
 def _flash_bwd(st: _Static, residuals, cotangents):
   q, k, v, sinks, q_seg, kv_seg, head_offset, out, lse = residuals
   d_out, d_lse = cotangents
@@ -401,27 +514,21 @@ def _flash_bwd(st: _Static, residuals, cotangents):
   if sinks is not None:
     p_sink = jnp.exp(sinks.astype(jnp.float32)[None, None, :] - lse)
     d_sinks = (-(p_sink * delta).sum((0, 1))).astype(sinks.dtype)
-  mask = _mask_spec(st)
-  tq, tk = q.shape[1], k.shape[1]
-  qp, kp, vp, qs, ks = _padded(st, q, k, v, q_seg, kv_seg)
-  tq_pad = qp.shape[1]
-  d, dv = _head_dims(st)
-  # Rows that must contribute nothing get lse = +inf, so p = exp(s - lse) is exactly 0 there:
-  # padded rows and rows that saw no key.
-  lse_b = _pad_to(jnp.where(jnp.isfinite(lse), lse, jnp.inf), 1, tq_pad, jnp.inf)
-  do = _pad_to(_pad_to(d_out, 1, tq_pad), 3, dv).astype(q.dtype)
-  delta = _pad_to(delta, 1, tq_pad)
-  tiles = jnp.asarray(_tile_ids(st, mask)[0])
-  if st.platform == "tpu":
+  args = (q, k, v, q_seg, kv_seg, head_offset, lse, d_out, delta)
+  if st.platform == "gpu":
+    # The GPU's dQ and dK/dV kernels run with their own blocks, each on its own BlockMask.
+    dq = _gpu_bwd_pass(_gpu_pass(st, "dq"), "dq", *args)
+    dk, dv_ = _gpu_bwd_pass(_gpu_pass(st, "dkv"), "dkv", *args)
+  else:
+    mask = _mask_spec(st)
+    qp, kp, vp, qs, ks, lse_b, do, delta_p = _bwd_inputs(st, *args)
+    tiles = jnp.asarray(_tile_ids(st, mask)[0])
     rows, cols, row_sched, col_sched = _tpu_schedules(st, mask, head_offset, q.shape[2], k.shape[2])
     dq, dk, dv_ = flash_tpu.flash_bwd(
-        qp, kp, vp, qs, ks, head_offset, row_sched, col_sched, tiles, lse_b, do, delta,
+        qp, kp, vp, qs, ks, head_offset, row_sched, col_sched, tiles, lse_b, do, delta_p,
         row_layout=rows.layout, row_capacity=rows.capacity, col_layout=cols.layout,
         col_capacity=cols.capacity, **_kernel_kwargs(st, mask))
-  else:
-    row_lists, col_lists = _gpu_schedules(st, mask, head_offset, q.shape[2])
-    dq, dk, dv_ = flash_gpu.flash_bwd(qp, kp, vp, qs, ks, head_offset, row_lists, col_lists, tiles,
-                                      lse_b, do, delta, **_kernel_kwargs(st, mask))
+  tq, tk = q.shape[1], k.shape[1]
   dq = dq[:, :tq, :, :q.shape[3]]
   dk = dk[:, :tk, :, :k.shape[3]]
   dv_ = dv_[:, :tk, :, :v.shape[3]]
@@ -489,11 +596,15 @@ def _attention(platform: str, config_type):
     if not isinstance(config, config_type):
       raise ValueError(f"config must be a {config_type.__name__} for implementation="
                        f"'pallas_{platform}', got {type(config).__name__}")
-    interpret = config.interpret
-    if interpret is None:
-      interpret = dispatch.current_platform() != platform
+    interpret = dispatch.pallas_interpret(config.interpret, platform)
     if config.record_visits is not None and not interpret:
       raise ValueError("record_visits is a debugging aid for interpret mode only")
+    if platform == "tpu" and q.dtype == jnp.float16:
+      # Mosaic rejects float16 vectors on TPU v4 ("Invalid vector type for load"); TPUs have no
+      # float16 arithmetic anyway, so the kernels run on float32 copies.
+      f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+      out, lse = attention(*f32, sinks, q_segment_ids, kv_segment_ids, spec=spec, config=config)
+      return out.astype(q.dtype), lse
     lay = None if config.sharding is None else _shard_layout(config.sharding, spec, q.shape[0])
     if platform == "tpu":
       group = spec.group_size if lay is None else lay.local_q_heads // lay.local_kv_heads
@@ -502,11 +613,13 @@ def _attention(platform: str, config_type):
                    tpu_blocks=blocks,
                    schedule_bytes=config.max_schedule_bytes or schedule_lib.DEFAULT_SCHEDULE_BYTES)
     else:
-      bq, bk, warps, stages = _gpu_blocks(config, spec)
       if max(spec.head_dim, spec.v_head_dim) > 256:
         raise NotImplementedError(f"head dims above 256 (got {spec.head_dim}, {spec.v_head_dim})")
+      launches = _gpu_launches(config, spec, jnp.dtype(q.dtype).itemsize)
+      bq, bk, warps, stages = launches["fwd"]
       st = _Static(platform, spec, bq, bk, bool(interpret), config.record_visits, num_warps=warps,
-                   num_stages=stages)
+                   num_stages=stages, gpu_bwd=(launches["dq"], launches["dkv"]))
+    dispatch.note("block_mask", st.block_mask)
     if lay is not None:
       return _sharded(st, lay, q, k, v, sinks, q_segment_ids, kv_segment_ids)
     return _flash(st, q, k, v, sinks, q_segment_ids, kv_segment_ids, jnp.zeros((1,), jnp.int32))

@@ -84,6 +84,7 @@ def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spe
     raise ValueError(f"config must be an XlaConfig for implementation='xla', got {type(config).__name__}")
   static = _Static(spec, _block(config.block_q, spec.q_len), _block(config.block_kv, spec.kv_len),
                    config.record_visits)
+  dispatch.note("block_mask", static.block_mask)
   return _flash(static, q, k, v, sinks, q_segment_ids, kv_segment_ids)
 
 

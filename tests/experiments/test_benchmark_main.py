@@ -35,10 +35,23 @@ def test_main_job_writes_quality_and_efficiency(tmp_path):
   assert len(payload["efficiency"]) == 2 * n_mechs and payload["efficiency_lengths"]
   assert {r["mechanism"] for r in payload["efficiency"]} == {
       m.name for m in efficiency.MECHANISMS if m.supports("causal_self")}
+  # The recommendation: one row per length, its picks among the comparable mechanisms.
+  standing = payload["quality_standing"]
+  assert standing["measured"] and standing["width"] == 16
+  assert standing["mechanisms"]["lightning (xla)"]["accuracy"] is None
+  comparable = {n for n, m in standing["mechanisms"].items() if m["comparable"]}
+  assert [r["seq_len"] for r in payload["recommendation"]] == [16, 32]
+  for row in payload["recommendation"]:
+    assert row["fastest"] in comparable and row["least_memory"] in comparable
+  assert all(r["runs"] >= 3 for r in payload["efficiency"])
+  assert payload["cost"]["wall_s"] > 0
   md = (tmp_path / "report.md").read_text()
   assert md.startswith("# attn_jax attention benchmark")
+  sections = [line for line in md.splitlines() if line.startswith("## ")]
+  assert sections[0] == "## Recommendation: which attention for my pattern and length", sections
   assert "## Quality: multi-query associative recall (MQAR)" in md and "| sliding_window |" in md
-  assert "### causal_self, fwd" in md and "CAB efficiency length" in md
+  assert "### causal_self, fwd" in md and "CAB efficiency lengths" in md
+  assert "### Correctness against the reference oracles" in md
   for png in ("quality_mqar.png", "efficiency_fwd.png"):
     data = (tmp_path / png).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000

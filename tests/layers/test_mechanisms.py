@@ -61,6 +61,12 @@ def test_backend_that_cannot_run_here_fails_at_construction(monkeypatch):
     mechanisms.check(cfg, platform="tpu")
   mechanisms.check(cfg, platform="gpu")
   mechanisms.check(cfg, platform="cpu")  # interpret mode
+  # cuDNN has no interpret mode: it needs the GPU.
+  cfg = layers.AttentionConfig(implementation="cudnn")
+  for platform in ("cpu", "tpu"):
+    with pytest.raises(layers.UnsupportedConfigError, match="implementation='cudnn' needs an NVIDIA GPU"):
+      mechanisms.check(cfg, platform=platform)
+  mechanisms.check(cfg, platform="gpu")
 
 
 @pytest.mark.parametrize("changes,match", [

@@ -10,29 +10,14 @@ import pytest
 import attn_jax
 from attn_jax import mechanisms
 from tests import tolerances
+from tests.mechanisms.helpers import check_grads as _check_grads
+from tests.mechanisms.helpers import normal as _normal
 
 HI = "highest"
 
 
-def _normal(seed, *shape):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
 def _causal(t):
   return jnp.tril(jnp.ones((t, t), bool))
-
-
-def _check_grads(fast, slow, args, names):
-  """Outputs and gradients (of a random projection of the output) of two functions agree."""
-  out = jax.jit(fast)(*args)
-  weight = _normal(99, *out.shape)
-  loss = lambda f: lambda *a: (f(*a).astype(jnp.float32) * weight).sum()
-  argnums = tuple(range(len(names)))
-  got = jax.jit(jax.grad(loss(fast), argnums))(*args)
-  want = jax.jit(jax.grad(loss(slow), argnums))(*args)
-  tolerances.assert_close(out, jax.jit(slow)(*args), jnp.float32, "out")
-  for name, a, b in zip(names, got, want):
-    tolerances.assert_close(a, b, jnp.float32, name)
 
 
 @pytest.mark.parametrize("version", [1, 2])

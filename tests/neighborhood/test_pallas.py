@@ -62,9 +62,11 @@ def test_tiles_follow_the_kernel_block_rules():
   gpu = tiling.choose_tile_shape(*args, 128, nb_api.tile_volume_rule("pallas_gpu"))
   volume = int(np.prod(gpu))
   assert volume >= 16 and volume & (volume - 1) == 0
-  config = nb_api.backend_config("pallas_gpu", volume)
-  assert (config.block_q, config.block_kv) == (volume, volume)
-  assert nb_api.backend_config("pallas_gpu", 49) is None
+  # The GPU kernels keep their own (register-bound) blocks; the caller's config passes through.
+  assert nb_api.backend_config("pallas_gpu", volume) is None
+  base = attn_jax.PallasGpuConfig(interpret=False)
+  assert nb_api.backend_config("pallas_gpu", volume, base) is base
+  assert nb_api.backend_config("pallas_tpu", 256).block_q == 256
   assert nb_api.backend_config("xla", 49).block_q == 49
 
 
@@ -88,3 +90,51 @@ def test_neighborhood_predicate_lowers_in_kernel(platform):
   marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
   # Forward, then dQ and dK/dV (one fused backward kernel on TPU).
   assert len(re.findall(re.escape(marker) + r"\b", text)) == (2 if platform == "tpu" else 3)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_attention_config_asks_for_the_real_kernel_off_its_platform(platform):
+  """``NeighborhoodConfig(attention_config=...)`` is the one way to choose the softmax backend and
+  its mode: ``interpret=False`` lowers the hardware kernel on this CPU (tiles follow the hardware
+  block rule), as the compile check needs; the config's own fields (here the warps) reach it."""
+  config_type = attn_jax.PallasTpuConfig if platform == "tpu" else attn_jax.PallasGpuConfig
+  extra = {} if platform == "tpu" else dict(num_warps=2)
+  config = attn_jax.NeighborhoodConfig(attention_config=config_type(interpret=False, **extra))
+  x = jax.ShapeDtypeStruct((1, 24, 40, 2, 64), jnp.bfloat16)
+  loss = lambda q, k, v: attn_jax.neighborhood_attention(q, k, v, (5, 7), config=config).astype(jnp.float32).sum()  # noqa: E731
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(
+      lowering_platforms=("tpu" if platform == "tpu" else "cuda",)).as_text()
+  marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
+  # Forward, then dQ and dK/dV (one fused backward kernel on TPU).
+  assert len(re.findall(re.escape(marker) + r"\b", text)) == (2 if platform == "tpu" else 3)
+  if platform == "gpu":
+    assert text.count("num_warps = 2") == 3
+  # Off the TPU, a hardware TPU kernel still gets lane-aligned tiles; interpret mode any multiple of 8.
+  assert not nb_api.tile_volume_rule("pallas_tpu", interpret=False)(64)
+  assert nb_api.tile_volume_rule("pallas_tpu", interpret=True)(64)
+  assert nb_api.backend_config("pallas_tpu", 64, attn_jax.PallasTpuConfig(interpret=False)).block_q is None
+  assert nb_api.backend_config("pallas_tpu", 256, attn_jax.PallasTpuConfig(interpret=False)).block_q == 256
+
+
+def test_attention_config_interpret_mode_matches_reference():
+  """Interpret mode asked for explicitly through the attention config (as on a TPU host would
+  be), with the kernel's other fields honoured: explicit blocks are not replaced by the tile."""
+  visits = []
+  config = attn_jax.NeighborhoodConfig(tile_shape=(4, 4), attention_config=attn_jax.PallasTpuConfig(
+      block_q=8, block_kv=8, interpret=True, record_visits=lambda *a: visits.append(a)))
+  q, k, v, *_ = _inputs(1, (8, 8), 2, 1, 0, jnp.float32, d=16, dv=16)
+  got = attn_jax.neighborhood_attention(q, k, v, 3, config=config)
+  mask = dense_reference.dense_mask((8, 8), (3, 3), (1, 1), (1, 1), (False, False))
+  want, _ = dense_reference.dense_attention(q, k, v, mask)
+  tolerances.assert_close(got, want, jnp.float32, "out")
+  # 64 tokens in blocks of 8: 8 query blocks, not the 4 of 16-token tiles.
+  assert {int(a[3]) for a in visits} == set(range(8))
+
+
+def test_attention_config_bad_input():
+  with pytest.raises(ValueError, match="attention_config must be an XlaConfig, PallasTpuConfig or PallasGpuConfig"):
+    attn_jax.NeighborhoodConfig(attention_config=attn_jax.LinearPallasGpuConfig())
+  q = jnp.zeros((1, 8, 2, 16))
+  with pytest.raises(ValueError, match="implementation='xla' contradicts config.attention_config"):
+    attn_jax.neighborhood_attention(q, q, q, 3, implementation="xla", config=attn_jax.NeighborhoodConfig(
+        attention_config=attn_jax.PallasGpuConfig()))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import attn_jax
+from attn_jax import dispatch
 from tests import tolerances
 
 HEAD_LAYOUTS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
@@ -50,3 +51,18 @@ def compare_backends(implementation, config, q, k, v, sinks, d_out, d_lse, facto
     assert np.isfinite(np.asarray(a, np.float32)).all(), f"{name} has non-finite values"
     tolerances.assert_close(a, b, dtype, name, factor)
   return got, want
+
+
+def spy_registry(monkeypatch, calls, pallas_config=None):
+  """Wraps the softmax backends cudnn, pallas_gpu and xla so that each call appends the backend's
+  name to ``calls``; ``pallas_config`` replaces pallas_gpu's config (e.g. interpret mode)."""
+  table = dispatch._REGISTRY["softmax"]
+  for name in ("cudnn", "pallas_gpu", "xla"):
+    original = table[name]
+
+    def fn(*args, _name=name, _original=original, **kwargs):
+      calls.append(_name)
+      if _name == "pallas_gpu" and pallas_config is not None:
+        kwargs["config"] = pallas_config
+      return _original(*args, **kwargs)
+    monkeypatch.setitem(table, name, fn)

@@ -151,6 +151,45 @@ def test_kernels_visit_exactly_the_blockmask_tiles(platform, mask_name):
   assert bm.num_nonempty < kinds.size
 
 
+def test_gpu_kernels_take_their_own_blocks():
+  """The GPU forward, dQ and dK/dV kernels run with their own block sizes (each backward kernel on
+  the BlockMask of its blocks): each visits exactly its BlockMask's non-empty tiles, and the
+  results match the reference."""
+  mask = masks.sliding_window(20) | masks.sink_tokens(2)
+  launches = {"fwd": (32, 16), "dq": (16, 32), "dkv": (16, 16)}
+  visits = collections.Counter()
+
+  def record(phase, b, h, i, j, evaluated):
+    visits[(phase, int(b), int(h), int(i), int(j), bool(evaluated))] += 1
+
+  config = attn_jax.PallasGpuConfig(record_visits=record,
+                                    **{k: attn_jax.PallasGpuLaunch(bq, bk) for k, (bq, bk) in launches.items()})
+  inputs = helpers.make_inputs(5, 1, 56, 56, 2, 1, 16, 16, jnp.float32)
+  helpers.compare_backends("pallas_gpu", config, *inputs, mask=mask)
+  for phase, (bq, bk) in launches.items():
+    bm = bm_lib.make_block_mask(mask, 56, 56, bq, bk)
+    expected = {(0, h, i, j, bm.dense_kinds()[0, i, j] == bm_lib.PARTIAL) for h in range(2) for i, j in bm.nonempty_pairs()}
+    assert {key[1:] for key in visits if key[0] == phase} == expected, phase
+
+
+def test_gpu_launch_resolution():
+  """Per-kernel overrides beat the config-wide fields, which beat the per-kernel defaults; default
+  blocks are capped by the (power-of-two) sequence lengths."""
+  from attn_jax.softmax import common
+  from attn_jax.softmax import pallas as pallas_lib
+  spec = common.Spec(masks.causal(), 1.0, None, 20, 1000, 2, 1, 100, 100, False, False)
+  got = pallas_lib._gpu_launches(attn_jax.PallasGpuConfig(
+      num_warps=4, dkv=attn_jax.PallasGpuLaunch(block_kv=16, num_warps=2)), spec, 2)
+  assert got["fwd"] == (32, 32, 4, 2)  # default (128, 32) with block_q capped at 32 query tokens
+  assert got["dkv"] == (32, 16, 2, 2)
+  assert pallas_lib.gpu_launch_defaults("dkv", 128, 2) == (32, 32, 8, 2)
+  assert pallas_lib.gpu_launch_defaults("dq", 64, 4) == (32, 32, 8, 2)
+  with pytest.raises(ValueError, match="PallasGpuConfig.dq must be a PallasGpuLaunch or None"):
+    attn_jax.PallasGpuConfig(dq=(16, 16))
+  with pytest.raises(ValueError, match="PallasGpuLaunch.block_q must be a power of two >= 16"):
+    attn_jax.PallasGpuLaunch(block_q=24)
+
+
 # The shard_map wrapper is the adapter's and identical for both kernels; TPU interpret mode is
 # slow on 8 devices, so it runs the harder case only (replicated K/V, per-head schedule slices).
 @pytest.mark.parametrize("platform,heads,per_head", [("gpu", (4, 4), False), ("gpu", (8, 1), False),
@@ -230,7 +269,7 @@ def test_kernels_lower_for_their_hardware(platform, case):
 
 def test_dispatch_order_and_explicit_choice():
   assert dispatch.platform_order("softmax", "tpu") == ("pallas_tpu", "xla")
-  assert dispatch.platform_order("softmax", "gpu") == ("pallas_gpu", "xla")
+  assert dispatch.platform_order("softmax", "gpu") == ("cudnn", "pallas_gpu", "xla")
   assert dispatch.platform_order("softmax", "cpu") == ("xla",)
   q, k, v, *_ = helpers.make_inputs(0, 1, 8, 8, 1, 1, 16, 16, jnp.float32)
   with pytest.raises(ValueError, match="config must be a PallasTpuConfig"):
