@@ -166,3 +166,51 @@ def test_sub_block_kinds_are_sound(mask):
           elif kind == bm_lib.FULL:
             assert sub.all() and k0 + cols <= kv_len
   assert found_empty > 0
+
+
+def _default_tpu_steps(mask, length, heads, generation="v5e"):
+  """The row and column step schedules the TPU adapter builds for a hardware call (default tiling
+  of ``generation``, head dim 128), computed on the host without tracing or compiling."""
+  from attn_jax.softmax import common
+  from attn_jax.softmax import pallas as pallas_lib
+  spec = common.Spec(mask, 1.0, None, length, length, heads, heads, 128, 128, False, False)
+  blocks = pallas_lib._tpu_blocks(pallas_lib.PallasTpuConfig(interpret=False, generation=generation), spec,
+                                  False, 1)
+  bm = bm_lib.make_block_mask(mask, length, length, blocks.block_q, blocks.block_kv,
+                              heads if mask.depends_on_head else None)
+  return bm, blocks, (schedule.row_steps(bm, None, heads, blocks.stack, sub_grid=blocks.sub_grid),
+                      schedule.col_steps(bm, None, heads, 1, blocks.stack, sub_grid=blocks.sub_grid))
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+def test_long_context_schedules_fit_scalar_memory(generation):
+  """Counts, not times: at 1M-4M tokens each kernel call's scalar-prefetched schedule stays
+  within the 256 KiB budget (TPU v5e has 1 MiB of SMEM; the old int32 lists needed 3 MiB at
+  262k tokens), by packing and, beyond that, by bands of whole rows."""
+  budget = schedule.DEFAULT_SCHEDULE_BYTES
+  # A 4096-token window at 1M tokens: one band, one 4-byte entry per visited tile.
+  bm, blocks, (rows, cols) = _default_tpu_steps(masks.sliding_window(4095), 1 << 20, 2, generation)
+  assert (blocks.block_q, blocks.block_kv, blocks.sub_grid) == (1024, 1024, (2, 2))
+  # Query block i sees key blocks max(0, i - 4) .. i (4096 + 1023 tokens span 5 blocks).
+  tiles = 1 + 2 + 3 + 4 + 5 * (1024 - 4)
+  assert bm.num_nonempty == tiles and bm.num_masks == 1
+  for sl in (rows, cols):
+    assert sl.num_bands == 1 and sl.layout.bytes_per_entry == 4
+    assert sl.band_bytes == 4 * tiles <= budget
+  # Causal at 1M tokens: 524,800 tiles of 4 bytes = 2.0 MiB, cut into 9 bands of whole rows.
+  bm, _, (rows, cols) = _default_tpu_steps(masks.causal(), 1 << 20, 1, generation)
+  assert bm.num_nonempty == 1024 * 1025 // 2
+  for sl in (rows, cols):
+    assert sl.layout.bytes_per_entry == 4 and sl.num_entries == bm.num_nonempty
+    assert sl.band_bytes <= budget and sl.capacity == budget // 4
+    assert sl.num_bands == 9 and sl.band_starts[-1] == 1024
+  # Window 4095 + 4 sinks at 4M tokens: the sink column makes rows one tile longer, still one band.
+  bm, _, (rows, cols) = _default_tpu_steps(masks.sliding_window(4095) | masks.sink_tokens(4), 1 << 22, 1,
+                                           generation)
+  assert rows.num_bands == 1 and rows.band_bytes <= budget
+  assert cols.num_bands >= 1 and cols.band_bytes <= budget
+  # Per-head windows over 32 heads: the four distinct masks are stored once each.
+  mask = masks.per_head([masks.sliding_window(1024 * (1 + h % 4) - 1) for h in range(32)])
+  bm, _, (rows, cols) = _default_tpu_steps(mask, 1 << 17, 32, generation)
+  assert bm.num_masks == rows.num_lists == cols.num_lists == 4
+  assert rows.band_bytes <= budget and cols.band_bytes <= budget
