@@ -79,3 +79,21 @@ def _cases():
 
 
 cases_lib.register_family("softmax_long", _cases)
+
+
+def _host_blockmask_seconds(length: int = 32_768, heads: int = 8, block: int = 1024) -> dict:
+  """Seconds to build the BlockMask of a head-dependent ``from_fn`` mask (no analytic bounds:
+  every token pair of every head is evaluated, in chunks) at the default v5e blocks."""
+  import time
+  from attn_jax import block_mask as bm_lib
+  from attn_jax import masks
+  fn = masks.from_fn(lambda q, k, h: (k <= q) & (k >= q - 1024 * (h + 1)), name="causal window 1k-8k by head")
+  start = time.perf_counter()
+  bm = bm_lib.make_block_mask(fn, length, length, block, block, num_heads=heads)
+  seconds = time.perf_counter() - start
+  return dict(length=length, heads=heads, block=block, seconds=round(seconds, 1),
+              pairs=heads * length * length, tiles=bm.num_nonempty, structures=bm.num_masks)
+
+
+if __name__ == "__main__":
+  print(_host_blockmask_seconds())
