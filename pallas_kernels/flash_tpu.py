@@ -225,6 +225,18 @@ def _per_sub_block(layout: fc.EntryLayout, e, masked: bool, blocks: Blocks, fn):
       pl.when(kind == fc.FULL)(functools.partial(fn, r, c, False))
 
 
+def _visit(mask: fc.MaskSpec, layout: fc.EntryLayout, e, blocks: Blocks, sub_update, record, phase, b,
+           heads, i, j):
+  """Runs a forward / dQ step's tile: ``sub_update(r, c, masked)`` per compute sub-block, for the
+  tile kinds that can occur (recording the visit of each head in ``heads`` in interpret mode)."""
+  def update(masked):
+    for h in heads:
+      _record(record, phase, b, h, i, j, masked)
+    _per_sub_block(layout, e, masked, blocks, sub_update)
+
+  _run_kinds(mask, e["kind"], update)
+
+
 def flash_fwd_kernel(*refs, layout: fc.EntryLayout, capacity: int, mask: fc.MaskSpec, soft_cap,
                      blocks: Blocks, group: int, has_sinks: bool, has_segments: bool, record):
   nw = len(layout.word_bits)
@@ -243,7 +255,7 @@ def flash_fwd_kernel(*refs, layout: fc.EntryLayout, capacity: int, mask: fc.Mask
   dv = acc_ref.shape[-1]
   b, u, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   e = _entry(layout, words, unit_map_ref, u, s, capacity)
-  i, j, kind = e["row"], e["col"], e["kind"]
+  i, j = e["row"], e["col"]
   head = off_ref[0] + u * gs  # first global query head of the unit
 
   @pl.when(e["first"] == 1)
@@ -275,12 +287,7 @@ def flash_fwd_kernel(*refs, layout: fc.EntryLayout, capacity: int, mask: fc.Mask
     pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[sl, :], _NN, preferred_element_type=jnp.float32)
     acc_ref[rs, :] = _lanes(alpha, dv) * acc_ref[rs, :] + pv
 
-  def update(masked):
-    for g in range(gs):
-      _record(record, "fwd", b, u * gs + g, i, j, masked)
-    _per_sub_block(layout, e, masked, blocks, sub_update)
-
-  _run_kinds(mask, kind, update)
+  _visit(mask, layout, e, blocks, sub_update, record, "fwd", b, [u * gs + g for g in range(gs)], i, j)
 
   @pl.when(e["last"] == 1)
   def finish():
@@ -490,7 +497,7 @@ def flash_dq_kernel(*refs, layout: fc.EntryLayout, capacity: int, mask: fc.MaskS
   rows = gs * bq
   b, u, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   e = _entry(layout, words, unit_map_ref, u, s, capacity)
-  i, j, kind = e["row"], e["col"], e["kind"]
+  i, j = e["row"], e["col"]
   head = off_ref[0] + u * gs
 
   @pl.when(e["first"] == 1)
@@ -517,12 +524,7 @@ def flash_dq_kernel(*refs, layout: fc.EntryLayout, capacity: int, mask: fc.MaskS
       ds = ds * (1.0 - th * th)
     acc_ref[rs, :] += lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
 
-  def update(masked):
-    for g in range(gs):
-      _record(record, "dq", b, u * gs + g, i, j, masked)
-    _per_sub_block(layout, e, masked, blocks, sub_update)
-
-  _run_kinds(mask, kind, update)
+  _visit(mask, layout, e, blocks, sub_update, record, "dq", b, [u * gs + g for g in range(gs)], i, j)
 
   @pl.when(e["last"] == 1)
   def finish():
