@@ -186,6 +186,9 @@ def _masks(name: str, length: int):
     return masks.causal()
   if name == "window":
     return masks.sliding_window(4095) | masks.sink_tokens(4)
+  if name == "local":
+    # The window alone: what splash's LocalMask computes (it has no sink tokens).
+    return masks.sliding_window(4095)
   raise ValueError(name)
 
 
@@ -259,7 +262,7 @@ def _splash_counts(mask_name, length, heads, bq, bkv, bq_dkv, bkv_dkv, fused):
 @dataclasses.dataclass(frozen=True)
 class Variant:
   kernel: str          # "project" or "splash"
-  mask: str            # "causal" or "window"
+  mask: str            # "causal", "window" (4095 + 4 sinks) or "local" (window 4095 alone)
   mode: str            # "fwd" or "bwd"
   length: int
   blocks: tuple        # project: (block_q, block_kv, block_kv_compute); splash: (bq, bkv, bkvc)
@@ -355,6 +358,9 @@ def default_variants(quick: bool = False) -> list[Variant]:
     out.append(Variant("splash", "window", "fwd", window, b))
   for b in [(512, 512, 128), (1024, 1024, 256)]:
     out.append(Variant("project", "window", "fwd", window, b))
+  for b in [(512, 512, 512), (1024, 1024, 512)]:
+    out.append(Variant("project", "local", "fwd", window, b))
+    out.append(Variant("splash", "local", "fwd", window, b))
   out.append(Variant("project", "causal", "fwd", causal, (256, 1024, 512), heads=4, kv_heads=1))
   out.append(Variant("splash", "causal", "fwd", causal, (1024, 1024, 512), heads=4, kv_heads=1))
   return out
