@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from attn_jax import block_mask as block_mask_lib
+from attn_jax import masks as masks_lib
 from pallas_kernels import flash_common as fc
 
 # Scalar memory given to one band of a TPU schedule. TPU cores have 1 MiB (v5e) or more of SMEM,
@@ -68,10 +69,26 @@ class StepLists:
     return self.layout.unpack(tuple(w[band, sl] for w in self.words))
 
 
-def sub_kinds(bm: block_mask_lib.BlockMask, q_blocks, kv_blocks, kinds, sub_grid: tuple[int, int]) -> np.ndarray:
-  """Kinds of the compute sub-blocks of each entry, from the mask's analytic bounds (sound for
-  every head), packed 2 bits per sub-block: sub-block (query chunk ``r``, key chunk ``c``) of a
-  ``(n_r, n_c)`` grid in bits ``2 (r n_c + c)`` and up.
+def structure_mask(bm: block_mask_lib.BlockMask, m: int) -> masks_lib.Mask:
+  """A mask whose analytic bounds are sound for every head of structure ``m``: the head's own mask
+  when the heads of ``m`` share one (``per_head`` masks), the per-head masks of those heads
+  combined when they differ (kernels that evaluate the predicate in-kernel let heads of equal
+  block structure share ``m``), else the whole mask (bounds over every head)."""
+  if bm.num_heads == 1:
+    return bm.mask
+  own = [bm.mask.for_head(int(h)) for h in np.nonzero(bm.head_to_mask == m)[0]]
+  if not own or any(x is None for x in own):
+    return bm.mask
+  distinct = list(dict.fromkeys(own))
+  return distinct[0] if len(distinct) == 1 else masks_lib.per_head(distinct)
+
+
+def sub_kinds(bm: block_mask_lib.BlockMask, q_blocks, kv_blocks, kinds, sub_grid: tuple[int, int],
+              mask: masks_lib.Mask | None = None) -> np.ndarray:
+  """Kinds of the compute sub-blocks of each entry, from the analytic bounds of ``mask`` (default
+  the BlockMask's: sound for every head; :func:`structure_mask` for one structure's heads), packed
+  2 bits per sub-block: sub-block (query chunk ``r``, key chunk ``c``) of a ``(n_r, n_c)`` grid in
+  bits ``2 (r n_c + c)`` and up.
 
   A PARTIAL tile often has sub-blocks with nothing visible (the quarter above a causal diagonal;
   the sink column of a window with sinks: 4 visible keys out of 1024) or everything visible;
@@ -97,7 +114,7 @@ def sub_kinds(bm: block_mask_lib.BlockMask, q_blocks, kv_blocks, kinds, sub_grid
       k_lo = kv_blocks[part].astype(np.int64) * bm.block_kv + c * cols
       k_hi = k_lo + cols - 1
       k_valid = k_lo < bm.kv_len
-      may, must = bm.mask.block_bounds(q_lo, q_hi, np.minimum(k_lo, bm.kv_len - 1),
+      may, must = (mask or bm.mask).block_bounds(q_lo, q_hi, np.minimum(k_lo, bm.kv_len - 1),
                                        np.minimum(k_hi, bm.kv_len - 1), ctx)
       may = np.broadcast_to(np.asarray(may, bool), part.shape) & k_valid & q_valid
       must = np.broadcast_to(np.asarray(must, bool), part.shape) & may & (k_hi < bm.kv_len)
@@ -209,7 +226,8 @@ def row_steps(bm: block_mask_lib.BlockMask, tile_ids, num_q_heads: int, stack: i
     if tile_ids is not None:
       entries["tile"] = tile_ids[s:e].astype(np.int64)
     if sub_grid != (1, 1):
-      entries["sub"] = sub_kinds(bm, entries["row"], entries["col"], entries["kind"], sub_grid)
+      entries["sub"] = sub_kinds(bm, entries["row"], entries["col"], entries["kind"], sub_grid,
+                                 structure_mask(bm, m))
     lists.append(entries)
   unit_map = [_struct_of_head(bm, u * stack) for u in range(num_q_heads // stack)]
   n_tiles = 1 if tile_ids is None or len(tile_ids) == 0 else int(tile_ids.max()) + 1
@@ -239,7 +257,8 @@ def col_steps(bm: block_mask_lib.BlockMask, tile_ids, num_q_heads: int, group: i
       if tile_ids is not None:
         part["tile"] = tile_ids[s:e].astype(np.int64)
       if sub_grid != (1, 1):
-        part["sub"] = sub_kinds(bm, part["col"], part["row"], part["kind"], sub_grid)
+        part["sub"] = sub_kinds(bm, part["col"], part["row"], part["kind"], sub_grid,
+                                structure_mask(bm, m))
       parts.append(part)
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.lexsort((merged["col"], merged["g"], merged["row"]))

@@ -117,6 +117,38 @@ def test_tpu_schedule_split_into_bands(fused):
     assert got == expected, phase
 
 
+# Compute sub-blocks (the TPU default on hardware: 1024 x 1024 blocks computed in 512 x 512 parts),
+# scaled down: 16 x 16 blocks in 8 x 8 parts. (rows, stacked) sub-blocks along both axes need one
+# head per step; key sub-blocks alone keep a GQA group stacked. Masks reach EMPTY sub-blocks of
+# PARTIAL tiles (skipped: above a causal diagonal, beside a sink column), FULL ones (run unmasked)
+# and PARTIAL ones.
+@pytest.mark.parametrize("mask_name,block_q_compute,fused", [
+    ("causal", 8, True), ("causal", 8, False), ("window_sinks", 8, True), ("window_sinks", None, True),
+    ("per_head", 8, False)])
+def test_tpu_compute_sub_blocks_match_reference(mask_name, block_q_compute, fused):
+  from attn_jax.softmax import schedule
+  mask = {"causal": masks.causal(), "window_sinks": masks.sliding_window(20) | masks.sink_tokens(3),
+          "per_head": _PER_HEAD_MIX}[mask_name]
+  length, hq, hkv, block = 50, 4, 2, 16
+  heads = hq if mask.depends_on_head else None
+  bm = bm_lib.make_block_mask(mask, length, length, block, block, heads)
+  grid = (block // (block_q_compute or block), 2)
+  sub = set()
+  for m in range(bm.num_masks):
+    s, e = bm.kv_ptr[m, 0], bm.kv_ptr[m, -1]
+    packed = schedule.sub_kinds(bm, bm.entry_rows(m), bm.kv_cols[s:e], bm.kv_kinds[s:e], grid,
+                                schedule.structure_mask(bm, m))
+    packed = packed[bm.kv_kinds[s:e] == bm_lib.PARTIAL]
+    sub |= {int(x) for n in range(grid[0] * grid[1]) for x in (packed >> (2 * n)) & 3}
+  # Halves of a 16-row tile along keys only have no FULL part in these masks.
+  want = {bm_lib.EMPTY, bm_lib.PARTIAL} | ({bm_lib.FULL} if block_q_compute else set())
+  assert sub == want, sub
+  config = attn_jax.PallasTpuConfig(block_q=block, block_kv=block, block_kv_compute=8,
+                                    block_q_compute=block_q_compute, fused_backward=fused)
+  inputs = helpers.make_inputs(7, 1, length, length, hq, hkv, 16, 16, jnp.float32)
+  helpers.compare_backends("pallas_tpu", config, *inputs, mask=mask)
+
+
 _VISIT_CASES = [("gpu", "causal"), ("gpu", "window_sinks"), ("gpu", "layout"), ("tpu", "window_sinks"),
                 ("tpu", "layout")]
 _VISIT_MASKS = {"causal": masks.causal(), "window_sinks": masks.sliding_window(20) | masks.sink_tokens(2),

@@ -136,8 +136,8 @@ def test_gpu_lists_are_the_block_mask_rows():
                                   _MASKS["per_head"][0]], ids=["causal", "window_sinks", "per_head"])
 def test_sub_block_kinds_are_sound(mask):
   """EMPTY and FULL sub-block kinds are true for every head of the structure (PARTIAL is always
-  safe), and the
-  analytic bounds do find the empty quarter of causal diagonal tiles and the empty sink column."""
+  safe), and the analytic bounds do find the empty quarter of causal diagonal tiles, the empty
+  sink column and, per structure of a per-head mask, full sub-blocks."""
   heads = mask.num_heads
   q_len, kv_len, block = 61, 67, 16
   bm = bm_lib.make_block_mask(mask, q_len, kv_len, block, block, num_heads=heads)
@@ -147,12 +147,13 @@ def test_sub_block_kinds_are_sound(mask):
   padded[:, :q_len, :kv_len] = dense
   grid = (2, 4)
   rows, cols = block // grid[0], block // grid[1]
-  found_empty = 0
+  found_empty = found_full = 0
   for m in range(bm.num_masks):
     heads_m = np.nonzero(bm.head_to_mask == m)[0] if heads else [0]
     s, e = bm.kv_ptr[m, 0], bm.kv_ptr[m, -1]
     qb, kb, kinds = bm.entry_rows(m), bm.kv_cols[s:e], bm.kv_kinds[s:e]
-    packed = schedule.sub_kinds(bm, qb, kb, kinds, grid)
+    # The structure's own bounds (what the schedules use) are sound for each of its heads.
+    packed = schedule.sub_kinds(bm, qb, kb, kinds, grid, schedule.structure_mask(bm, m))
     for n in range(len(kinds)):
       for r in range(grid[0]):
         for c in range(grid[1]):
@@ -165,7 +166,10 @@ def test_sub_block_kinds_are_sound(mask):
             found_empty += 1
           elif kind == bm_lib.FULL:
             assert sub.all() and k0 + cols <= kv_len
+            found_full += 1
   assert found_empty > 0
+  if not isinstance(mask, masks.Or):  # a 10-key window has no fully visible 8 x 4 sub-block
+    assert found_full > 0
 
 
 def _default_tpu_steps(mask, length, heads, generation="v5e"):
