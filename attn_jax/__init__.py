@@ -9,6 +9,7 @@ Public API::
 """
 
 from attn_jax import block_mask
+from attn_jax import block_mask_traced
 from attn_jax import context_parallel
 from attn_jax import dispatch
 from attn_jax import inspect
@@ -17,9 +18,11 @@ from attn_jax import mechanisms
 from attn_jax import neighborhood
 from attn_jax import sharding
 from attn_jax.block_mask import BlockMask, make_block_mask
+from attn_jax.block_mask_traced import TracedBlockMask
 from attn_jax.context_parallel.config import ContextParallel
 from attn_jax.diagnostics import Explanation, explain
 from attn_jax.linear import feature_maps as linear_feature_maps
+from attn_jax.mechanisms.block_topk import topk_block_attention
 from attn_jax.linear.api import linear_attention, linear_attention_step
 from attn_jax.linear.pallas import PallasGpuConfig as LinearPallasGpuConfig
 from attn_jax.linear.pallas import PallasTpuConfig as LinearPallasTpuConfig
@@ -63,4 +66,7 @@ __all__ = [
     "LinearXlaConfig",
     "LinearPallasTpuConfig",
     "LinearPallasGpuConfig",
+    "block_mask_traced",
+    "TracedBlockMask",
+    "topk_block_attention",
 ]

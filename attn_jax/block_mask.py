@@ -183,6 +183,27 @@ class BlockMask:
     s, e = self.kv_ptr[m, 0], self.kv_ptr[m, -1]
     return set(zip(self.entry_rows(m).tolist(), self.kv_cols[s:e].tolist()))
 
+  def padded_rows(self, m: int = 0):
+    """``(kv_indices [nq, W], kv_kinds [nq, W], kv_counts [nq])`` of structure ``m`` as padded
+    int32 rows (``W`` the longest row, at least 1): entries past a row's count repeat its last
+    block (0 for an empty row) with kind EMPTY. O(nq * W) memory, for traced BlockMasks that
+    extend these rows on device."""
+    counts = self.row_counts(m).astype(np.int32)
+    width = max(1, int(counts.max()) if len(counts) else 1)
+    s = self.kv_ptr[m, 0]
+    slot = np.arange(width)[None, :]
+    valid = slot < counts[:, None]
+    last = np.maximum(counts - 1, 0)[:, None]
+    pos = self.kv_ptr[m, :-1, None] - s + np.where(valid, slot, last)
+    cols = self.kv_cols[s:self.kv_ptr[m, -1]]
+    kinds = self.kv_kinds[s:self.kv_ptr[m, -1]]
+    if len(cols) == 0:
+      return (np.zeros((len(counts), width), np.int32), np.zeros((len(counts), width), np.int32), counts)
+    pos = np.minimum(pos, len(cols) - 1)
+    idx = np.where(counts[:, None] > 0, cols[pos], 0).astype(np.int32)
+    kind = np.where(valid, kinds[pos], EMPTY).astype(np.int32)
+    return idx, kind, counts
+
   def dense_kinds(self) -> np.ndarray:
     """``[Hm, nq, nk]`` int32 dense classification, for tests and pictures.
 

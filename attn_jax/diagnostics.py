@@ -104,6 +104,10 @@ def _detail(attempt: dispatch.Attempt) -> str:
     heads = f" x {bm.num_heads} heads" if bm.num_heads > 1 else ""
     return (f"BlockMask {bm.block_q}x{bm.block_kv} blocks, {bm.num_q_blocks}x{bm.num_kv_blocks} tiles{heads}: "
             f"{bm.num_full} full, {bm.num_partial} partial, {empty} empty (density {bm.density:.3f})")
+  tbm = attempt.notes.get("traced_block_mask")
+  if tbm is not None:
+    return (f"traced BlockMask {tbm.block_q}x{tbm.block_kv} blocks, {tbm.width} key blocks per row, lists per "
+            f"(batch {tbm.num_batch}, heads {tbm.num_heads}), over {tbm.mask!r}")
   if "chunk" in attempt.notes:
     return f"chunk {attempt.notes['chunk']}"
   if attempt.backend == "reference":

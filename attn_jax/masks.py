@@ -1433,3 +1433,88 @@ def from_array(array) -> Mask:
     out = attn_jax.attention(q, k, v, mask=masks.from_array(dense))
   """
   return ArrayMask(array)
+
+
+# PowerAttention (issue 14): block distances that are powers of two, with a local window and sinks.
+
+__all__ += ["power_attention"]
+
+
+def _is_pow2(d, xp):
+  """``d > 0`` and ``d`` a power of two, for integer arrays (one AND: in-kernel on TPU and GPU)."""
+  return (d > 0) & ((d & (d - 1)) == 0)
+
+
+def _next_pow2_at_least(lo):
+  """Smallest power of two ``>= lo`` for arrays ``lo >= 1`` (exact up to 2**62)."""
+  lo = np.maximum(np.asarray(lo, np.int64), 1)
+  return np.left_shift(np.int64(1), np.ceil(np.log2(lo)).astype(np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerAttention(Mask):
+  block: int
+  window_blocks: int
+  sink_blocks: int
+  offset: int | None = None
+
+  def _offset(self, ctx):
+    return ctx.default_offset if self.offset is None else self.offset
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    o, b = self._offset(ctx), self.block
+    shift = b * (-(-max(0, -o) // b))   # keep both dividends non-negative (see div_nonneg)
+    d = div_nonneg(q_idx + (o + shift), b, xp) - div_nonneg(kv_idx + shift, b, xp)
+    kb = div_nonneg(kv_idx, b, xp)
+    allowed = ((d >= 0) & (d < self.window_blocks)) | _is_pow2(d, xp) | (kb < self.sink_blocks)
+    return allowed & (kv_idx <= q_idx + o)
+
+  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    o, b, w = self._offset(ctx), self.block, self.window_blocks
+    qb_lo, qb_hi = np.floor_divide(q_lo + o, b), np.floor_divide(q_hi + o, b)
+    kb_lo, kb_hi = np.floor_divide(k_lo, b), np.floor_divide(k_hi, b)
+    d_lo, d_hi = qb_lo - kb_hi, qb_hi - kb_lo           # block distances in the rectangle
+    lo = np.maximum(d_lo, 0)
+    in_window = (lo < w) & (d_hi >= 0)
+    lo1 = np.maximum(d_lo, 1)
+    has_pow2 = (d_hi >= lo1) & (_next_pow2_at_least(lo1) <= d_hi)
+    may = (in_window | has_pow2 | (kb_lo < self.sink_blocks)) & (k_lo <= q_hi + o)
+    # Every distance in [d_lo, d_hi] is allowed iff the part beyond the window is all powers of
+    # two, which for a range of integers means a single power of two or exactly {1, 2}.
+    beyond = np.maximum(d_lo, w)
+    single_pow2 = (beyond == d_hi) & (np.bitwise_and(np.maximum(d_hi, 1), np.maximum(d_hi, 1) - 1) == 0) & (d_hi > 0)
+    all_allowed = (d_lo >= 0) & ((d_hi < w) | single_pow2 | ((beyond == 1) & (d_hi == 2)))
+    must = (all_allowed | (kb_hi < self.sink_blocks)) & (k_hi <= q_lo + o)
+    return may, must
+
+  def __repr__(self):
+    return (f"power_attention({self.block}, window_blocks={self.window_blocks}, sink_blocks={self.sink_blocks}, "
+            f"offset={self.offset})")
+
+
+def power_attention(block_size: int, window_blocks: int = 1, sink_blocks: int = 1,
+                    offset: int | None = None) -> Mask:
+  """PowerAttention (Chen et al., "PowerAttention: Exponentially Scaling of Receptive Fields for
+  Effective Sparse Attention", 2025), in block form.
+
+  Tokens are grouped into blocks of ``block_size`` positions. A query in block ``I`` (of its
+  position ``p = i + offset``) sees the causal keys of block ``J`` iff the block distance
+  ``d = I - J`` is below ``window_blocks`` (the local window, own block included), or a power of
+  two (1, 2, 4, 8, ...), or ``J < sink_blocks`` (attention sinks). Each layer thus reaches
+  ``log2(T / block_size)`` distant blocks, and stacked layers reach every earlier block in
+  ``log2`` hops: the receptive field grows exponentially with depth (paper Sec. 3) at
+  ``O(T log T)`` cost.
+
+  Our choices where the paper leaves them open (Sec. 3.2, block-wise implementation): distances are
+  counted in blocks, not tokens; the window and the sinks are whole blocks. The predicate is
+  integer arithmetic and one bitwise AND (in-kernel on TPU and GPU), and its block bounds are
+  analytic (exact on block-aligned tiles).
+
+  Args:
+    block_size: positions per block (>= 1).
+    window_blocks: blocks of local window, the query's own block included (>= 1).
+    sink_blocks: leading blocks every query sees (>= 0).
+    offset: query alignment as in :func:`causal`.
+  """
+  return PowerAttention(_check_int(block_size, "block_size", 1), _check_int(window_blocks, "window_blocks", 1),
+                        _check_int(sink_blocks, "sink_blocks", 0), _check_offset(offset))

@@ -1,7 +1,8 @@
 r"""The attention benchmark: which mechanism for my task and my sequence length?
 
 Default (``--suite=all``): both halves of a CAB-style comparison on an embedded default that
-needs no download (about 7 minutes on an idle 2-core CPU)::
+needs no download (8.5 minutes of CPU time, so at most that on an idle 2-core CPU; measured in
+``benchmarks/cpu_main_job/``)::
 
     python -m experiments.benchmark
 
@@ -10,19 +11,31 @@ per CAB pattern and length, the fastest and the least-memory mechanism among tho
 MQAR quality (``--comparable_accuracy``), with CAB's efficiency lengths against the dense
 baseline, ``jax.nn.dot_product_attention``.
 
-* quality: MQAR recall accuracy of small LMs trained with each mechanism of
-  :mod:`experiments.mechanisms` (every available default one), over model widths, with the size
-  of each model's decoding state (:mod:`experiments.quality`);
-* efficiency: forward and forward+backward time and compiled memory vs sequence length for each
-  mechanism of :mod:`experiments.efficiency` in CAB's four patterns, and CAB's efficiency lengths.
+* quality: MQAR recall accuracy of small LMs trained with each default quality preset of the
+  mixer registry (softmax, sliding window, linear, Based with feature dim 8), over model widths,
+  with the size of each model's decoding state (:mod:`experiments.quality`);
+  ``--quality_mechanisms`` runs any entry or preset (``--quality_mechanisms=based,gla,jrt,retnet``);
+* efficiency: forward and forward+backward time and compiled memory vs sequence length for the
+  dense baseline and the registry's efficiency presets (:mod:`experiments.efficiency`) in CAB's
+  four patterns, and CAB's efficiency lengths; each preset names the quality preset that stands
+  for it in the recommendation.
+
+``--list`` prints the registry (name, family, decoding cache, backends available here, paper,
+presets) and exits.
 
 Writes ``report.md``, ``results.json`` and PNG plots (``quality_mqar.png``,
-``efficiency_<mode>.png``) into ``--workdir``. Flags scale it up on an accelerator, e.g.::
+``efficiency_<mode>.png``) into ``--workdir``. ``--mqar_setting=zoology`` is Zoology / Based's
+MQAR setting (widths 64 to 512, 256 tokens, 64 key-value pairs, vocabulary 8192, 20k steps of
+batch 256, learning rates swept over 1e-4 .. 1e-2; :meth:`experiments.quality.Settings.zoology`),
+for an accelerator: 4 widths x 4 learning rates = 16 runs of 20k steps per mechanism, estimated
+from the FLOPs at up to 6 min per run (width 512) on one H100 at 30 % utilisation, about an hour
+per mechanism (not measured: no accelerator was available)::
 
-    python -m experiments.benchmark --workdir=/tmp/bench --mqar_widths=64,128,256,512 \
-        --mqar_seq_len=256 --mqar_kv_pairs=32 --mqar_vocab=8192 --mqar_steps=4000 --mqar_batch=256 \
-        --mqar_lrs=1e-3,3e-3,1e-2 --seq_lens=1024,2048,4096,8192,16384 --dtype=bfloat16 \
-        --heads=16 --head_dim=128 --repeats=10
+    python -m experiments.benchmark --suite=quality --mqar_setting=zoology \
+        --quality_mechanisms=softmax,sliding_window,based,linear,gla,jrt --workdir=benchmarks/mqar_zoology
+
+Efficiency flags scale the other half, e.g.
+``--seq_lens=1024,2048,4096,8192,16384 --dtype=bfloat16 --heads=16 --head_dim=128 --repeats=10``.
 
 ``--suite=quality`` or ``--suite=efficiency`` runs one half. ``--suite=kernels``: the Pallas flash
 kernels vs cuDNN (GPU) / splash (TPU), the xla backend and the ideal block-sparse speed-up, for
@@ -48,33 +61,39 @@ from absl import logging
 import tqdm
 
 from attn_jax import dispatch
+from attn_jax.layers import registry
 from experiments import efficiency
 from experiments import kernels
-from experiments import mechanisms
 from experiments import quality
 from experiments import report
 
 _WORKDIR = flags.DEFINE_string("workdir", "benchmark_out", "Directory for report.md, results.json and plots.")
+_LIST = flags.DEFINE_bool("list", False, "Print the mixer registry (name, family, decoding cache, backends "
+                          "available here, paper, presets) and exit.")
 _SUITE = flags.DEFINE_enum("suite", "all", ["all", "quality", "efficiency", "kernels"],
                            "What to benchmark: quality + efficiency (all), one of them, or the Pallas kernels.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", None, "Query lengths (default: per suite and platform).")
 _PATTERNS = flags.DEFINE_list("patterns", list(efficiency.PATTERNS), "CAB patterns to measure.")
-_MECHANISMS = flags.DEFINE_list("mechanisms", [m.name for m in efficiency.MECHANISMS],
-                                "Efficiency-suite mechanism names (default: every registered one).")
+_MECHANISMS = flags.DEFINE_list(
+    "mechanisms", None, "Efficiency-suite mechanisms: efficiency preset names of the mixer registry "
+    "(default: every default one; --list shows them all). The dense jax.nn baseline always runs.")
 _QUALITY_MECHANISMS = flags.DEFINE_list(
     "quality_mechanisms", None,
-    "Quality-suite mechanisms (experiments.mechanisms names; default: every available default one).")
-_Q = quality.Settings()
-_MQAR_WIDTHS = flags.DEFINE_list("mqar_widths", [str(w) for w in _Q.widths], "Model widths of the quality suite.")
-_MQAR_STEPS = flags.DEFINE_integer("mqar_steps", _Q.steps, "Training steps per quality run.")
-_MQAR_BATCH = flags.DEFINE_integer("mqar_batch", _Q.batch_size, "Batch size of the quality runs.")
-_MQAR_SEQ_LEN = flags.DEFINE_integer("mqar_seq_len", _Q.seq_len, "MQAR sequence length.")
-_MQAR_KV_PAIRS = flags.DEFINE_integer("mqar_kv_pairs", _Q.num_kv_pairs, "MQAR key-value pairs per sequence.")
-_MQAR_VOCAB = flags.DEFINE_integer("mqar_vocab", _Q.vocab_size, "MQAR vocabulary size.")
-_MQAR_LAYERS = flags.DEFINE_integer("mqar_layers", _Q.num_layers, "Layers of the quality models.")
-_MQAR_LRS = flags.DEFINE_list("mqar_lrs", [], "Learning rates to sweep per cell (best kept); "
-                              "default: one per width.")
-_MQAR_EVAL = flags.DEFINE_integer("mqar_eval_batches", _Q.eval_batches, "Eval batches per quality run.")
+    "Quality-suite mechanisms: mixer names or quality presets of the registry (default: the default "
+    "presets; --list shows them all).")
+_MQAR_SETTING = flags.DEFINE_enum("mqar_setting", "cpu", sorted(quality.SETTINGS),
+                                  "Base MQAR setting: cpu (the embedded default) or zoology (Zoology / Based's, "
+                                  "for an accelerator); the --mqar_* flags below override its fields.")
+_MQAR_WIDTHS = flags.DEFINE_list("mqar_widths", None, "Model widths of the quality suite.")
+_MQAR_STEPS = flags.DEFINE_integer("mqar_steps", None, "Training steps per quality run.")
+_MQAR_BATCH = flags.DEFINE_integer("mqar_batch", None, "Batch size of the quality runs.")
+_MQAR_SEQ_LEN = flags.DEFINE_integer("mqar_seq_len", None, "MQAR sequence length.")
+_MQAR_KV_PAIRS = flags.DEFINE_integer("mqar_kv_pairs", None, "MQAR key-value pairs per sequence.")
+_MQAR_VOCAB = flags.DEFINE_integer("mqar_vocab", None, "MQAR vocabulary size.")
+_MQAR_LAYERS = flags.DEFINE_integer("mqar_layers", None, "Layers of the quality models.")
+_MQAR_LRS = flags.DEFINE_list("mqar_lrs", None, "Learning rates to sweep per cell (best kept); "
+                              "default: the setting's (cpu: one per width).")
+_MQAR_EVAL = flags.DEFINE_integer("mqar_eval_batches", None, "Eval batches per quality run.")
 _MODES = flags.DEFINE_list("modes", list(efficiency.MODES), "fwd and/or fwd_bwd.")
 _CASES = flags.DEFINE_list("cases", list(kernels.CASES), "Kernel-suite cases.")
 _BATCH = flags.DEFINE_integer("batch", None, "Batch size (default: per suite).")
@@ -144,17 +163,28 @@ def _kernel_suite(workdir):
   print(f"wrote {os.path.join(workdir, 'report.md')} and results.json")
 
 
+def _quality_settings() -> quality.Settings:
+  base = quality.SETTINGS[_MQAR_SETTING.value]
+  changes = dict(steps=_MQAR_STEPS.value, batch_size=_MQAR_BATCH.value, seq_len=_MQAR_SEQ_LEN.value,
+                 num_kv_pairs=_MQAR_KV_PAIRS.value, vocab_size=_MQAR_VOCAB.value, num_layers=_MQAR_LAYERS.value,
+                 eval_batches=_MQAR_EVAL.value)
+  if _MQAR_WIDTHS.value is not None:
+    changes["widths"] = tuple(int(w) for w in _MQAR_WIDTHS.value)
+  if _MQAR_LRS.value is not None:
+    changes["learning_rates"] = tuple(float(x) for x in _MQAR_LRS.value)
+  return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
 def _quality_suite():
-  names = _QUALITY_MECHANISMS.value or list(mechanisms.available(default_only=True))
-  unavailable = [n for n in names if n not in mechanisms.available()]
+  presets = registry.quality_presets()
+  names = _QUALITY_MECHANISMS.value or list(quality.default_presets())
+  unknown = [n for n in names if n not in presets]
+  if unknown:
+    raise app.UsageError(f"--quality_mechanisms: unknown {unknown}; known: {sorted(presets)}")
+  unavailable = [n for n in names if not presets[n][0].is_available]
   if unavailable:
-    raise app.UsageError(f"--quality_mechanisms: unknown or unavailable {unavailable}; "
-                         f"available: {list(mechanisms.available())}")
-  settings = quality.Settings(
-      widths=tuple(int(w) for w in _MQAR_WIDTHS.value), steps=_MQAR_STEPS.value,
-      batch_size=_MQAR_BATCH.value, seq_len=_MQAR_SEQ_LEN.value, num_kv_pairs=_MQAR_KV_PAIRS.value,
-      vocab_size=_MQAR_VOCAB.value, num_layers=_MQAR_LAYERS.value,
-      learning_rates=tuple(float(x) for x in _MQAR_LRS.value), eval_batches=_MQAR_EVAL.value)
+    raise app.UsageError(f"--quality_mechanisms: {unavailable} need primitives this installation lacks")
+  settings = _quality_settings()
   cells = [(m, w) for m in names for w in settings.widths]
   records = []
   for mech, width in _progress(cells, "quality (MQAR)", lambda c: f"{c[0]} d={c[1]}"):
@@ -162,18 +192,26 @@ def _quality_suite():
   return settings, records
 
 
+def _efficiency_names() -> list[str]:
+  """The mechanisms of the efficiency suite: the dense baseline (always: efficiency lengths and
+  the recommendation's ratios are measured against it), then ``--mechanisms`` or the defaults."""
+  names = _MECHANISMS.value or [m.name for m in efficiency.mechanisms() if m.default]
+  return list(dict.fromkeys([efficiency.baseline_name()] + list(names)))
+
+
 def _efficiency_suite():
-  by_name = {m.name: m for m in efficiency.MECHANISMS}
+  by_name = {m.name: m for m in efficiency.mechanisms()}
   shape = _override(efficiency.Shape())
   lens = [int(n) for n in (_SEQ_LENS.value or ["256", "512", "1024", "2048", "4096"])]
+  names = _efficiency_names()
   tasks = [(by_name[m], p, n, mode) for p in _PATTERNS.value for mode in _MODES.value
-           for m in _MECHANISMS.value for n in lens if by_name[m].supports(p)]
+           for m in names for n in lens if by_name[m].supports(p)]
   records = []
   for mech, pattern, n, mode in _progress(tasks, "efficiency", lambda t: f"{t[0].name} {t[1]} {t[3]} L={t[2]}"):
     records.append(efficiency.measure(mech, pattern, n, mode, shape, _REPEATS.value))
   # The oracles check what was timed, at the shortest length (cheap even for the naive oracle).
   checks = [efficiency.check_against_reference(by_name[m], p, min(lens), shape)
-            for p in _PATTERNS.value for m in _MECHANISMS.value if by_name[m].supports(p)]
+            for p in _PATTERNS.value for m in names if by_name[m].supports(p)]
   return shape, records, efficiency.efficiency_lengths(records), checks
 
 
@@ -190,6 +228,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # jax's INFO lines (backends it could not start) are noise here; --verbosity=0 brings them back.
     logging.set_verbosity(logging.WARNING)
+  if _LIST.value:
+    print(registry.listing())
+    return
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   bad = [m for m in _MODES.value if m not in efficiency.MODES]
@@ -197,8 +238,8 @@ def main(argv):
     raise app.UsageError(f"--modes: unknown {bad}; known: {list(efficiency.MODES)}")
   if _SUITE.value == "kernels":
     return _kernel_suite(workdir)
-  known = {m.name for m in efficiency.MECHANISMS}
-  unknown = [n for n in _MECHANISMS.value if n not in known]
+  known = {m.name for m in efficiency.mechanisms()}
+  unknown = [n for n in _efficiency_names() if n not in known]
   if unknown:
     raise app.UsageError(f"--mechanisms: unknown {unknown}; known: {sorted(known)}")
   bad = [p for p in _PATTERNS.value if p not in efficiency.PATTERNS]
@@ -224,7 +265,8 @@ def main(argv):
   if _SUITE.value in ("all", "efficiency"):
     shape, records, eff, checks = _efficiency_suite()
     shape_dict = dict(vars(shape))
-    quality_of = {m.name: m.quality for m in efficiency.MECHANISMS if m.name in _MECHANISMS.value}
+    names = set(_efficiency_names())
+    quality_of = {m.name: m.quality for m in efficiency.mechanisms() if m.name in names}
     standing = report.quality_standing(q_records, quality_of, _COMPARABLE.value)
     baseline = efficiency.baseline_name()
     payload.update(shape=shape_dict, efficiency=records, efficiency_lengths=eff, correctness=checks,

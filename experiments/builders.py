@@ -4,10 +4,14 @@
 
 * ``kind``: ``"lm"`` (:class:`attn_jax.models.DecoderLM`) or ``"vit"`` (:class:`attn_jax.models.ViT`);
 * ``dim``, ``num_layers``, ``mlp_dim``, ``num_heads``, ``num_kv_heads`` (0: = ``num_heads``),
-  ``head_dim`` (0: ``dim // num_heads``), ``rope`` (-1: 1-D for LMs, 2-D for ViTs);
-* ``mechanism``: a name of :mod:`experiments.mechanisms` (``softmax``, ``sliding_window``, ...);
-  ``window`` (0: the mechanism's own) replaces the window of every windowed layer;
-* ``implementation``: the attention backend (``""``: the platform's default);
+  ``head_dim`` (0: ``dim // num_heads``), ``rope`` (-1: 1-D for LMs, 2-D for ViTs): the fields
+  every mixer shares;
+* ``mixer``: a name of the mixer registry (``attn_jax.layers.mixer_names()``: ``softmax``,
+  ``based``, ``gla``, ...), or several joined by commas, cycled over the layers (a hybrid);
+* ``mixer_fields.<name>.<field>``: the mechanism's own fields, one sub-dict per registered mixer
+  holding exactly that mixer's command-line fields (None: the mixer's default), e.g.
+  ``--config.model.mixer=based --config.model.mixer_fields.based.window=64``;
+* ``implementation``: the mixer's backend (``""``: the platform's default);
 * ``dtype``, ``param_dtype``; ``patch_size`` (ViT).
 
 The vocabulary or image shape comes from the data source.
@@ -16,28 +20,50 @@ The vocabulary or image shape comes from the data source.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
 from attn_jax import layers
 from attn_jax import models
-from experiments import mechanisms
+from attn_jax.layers import registry
 
 
-def mixer_schedule(model_config, seq_len: int):
-  """The per-layer mixer configs that ``config.model`` describes, for sequences of ``seq_len``."""
+def mixer_fields_config() -> ml_collections.ConfigDict:
+  """``config.model.mixer_fields``: for every registered mixer, its command-line fields as typed
+  placeholders (None until set), so that ``--config.model.mixer_fields.<name>.<field>=v`` is
+  parsed with the field's type and a misspelt field is a flag error."""
+  out = ml_collections.ConfigDict()
+  for name in registry.mixer_names():
+    sub = ml_collections.ConfigDict()
+    for field, field_type in registry.cli_fields(name).items():
+      sub[field] = ml_collections.config_dict.placeholder(field_type)
+    out[name] = sub
+  return out
+
+
+def mixer_names(model_config) -> list[str]:
+  """The mixer names of ``config.model.mixer`` (one, or a comma-separated hybrid)."""
+  names = [n.strip() for n in str(model_config.mixer).split(",")]
+  if not all(names):
+    raise ValueError(f"model.mixer must be a mixer name or names joined by commas, got {model_config.mixer!r}")
+  return names
+
+
+def mixer_schedule(model_config):
+  """The typed mixer config(s) that ``config.model`` describes: one, or a tuple cycled over layers."""
   m = model_config
   kind = m.kind
-  rope = m.rope if m.rope >= 0 else (1 if kind == "lm" else 2)
-  base = layers.AttentionConfig(
-      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or None, head_dim=m.head_dim or None,
-      causal=kind == "lm", rope=rope, implementation=m.implementation or None)
-  schedule = mechanisms.schedule(m.mechanism, base, seq_len)
-  if m.window:
-    windowed = lambda c: c.replace(window=m.window) if c.window is not None else c
-    schedule = (tuple(windowed(c) for c in schedule) if isinstance(schedule, tuple)
-                else windowed(schedule))
-  return schedule
+  shared = dict(num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or None, head_dim=m.head_dim or None,
+                causal=kind == "lm", rope=m.rope if m.rope >= 0 else (1 if kind == "lm" else 2),
+                implementation=m.implementation or None)
+  configs = []
+  for name in mixer_names(m):
+    registry.get(name)
+    given = m.mixer_fields[name] if name in m.mixer_fields else {}
+    own = {k: v for k, v in dict(given).items() if v is not None}
+    configs.append(layers.mixer_config(name, **shared, **own))
+  return configs[0] if len(configs) == 1 else tuple(configs)
 
 
 def model_factory(config, source):
@@ -48,39 +74,41 @@ def model_factory(config, source):
       raise ValueError(f"model.kind='lm' needs a language-model data source, got {source.kind!r}")
     cfg = models.LMConfig(vocab_size=source.model_fields["vocab_size"], dim=m.dim,
                           num_layers=m.num_layers, mlp_dim=m.mlp_dim,
-                          schedule=mixer_schedule(m, source.tokens_per_example),
+                          schedule=mixer_schedule(m),
                           dtype=m.dtype, param_dtype=m.param_dtype)
     return lambda: models.DecoderLM(cfg, rngs=nnx.Rngs(config.seed))
   if m.kind == "vit":
     if source.kind != "classification":
       raise ValueError(f"model.kind='vit' needs an image classification source, got {source.kind!r}")
     f = source.model_fields
-    grid = (f["image_size"][0] // m.patch_size) * (f["image_size"][1] // m.patch_size)
     cfg = models.ViTConfig(image_size=tuple(f["image_size"]), patch_size=m.patch_size,
                            channels=f["channels"], num_classes=f["num_classes"], dim=m.dim,
                            num_layers=m.num_layers, mlp_dim=m.mlp_dim,
-                           schedule=mixer_schedule(m, grid), dtype=m.dtype, param_dtype=m.param_dtype)
+                           schedule=mixer_schedule(m), dtype=m.dtype, param_dtype=m.param_dtype)
     return lambda: models.ViT(cfg, rngs=nnx.Rngs(config.seed))
   raise ValueError(f"model.kind must be 'lm' or 'vit', got {m.kind!r}")
 
 
 def loss_fn(kind: str):
-  """``(model, batch) -> (loss, metrics)`` for a source kind; metrics are float32 scalars."""
+  """``(model, batch) -> (loss, metrics)`` for a source kind; metrics are float32 scalars.
+
+  The loss adds the mixers' auxiliary losses (e.g. load balancing), reported under their names.
+  """
   if kind == "lm":
     def lm_loss(model, batch):
-      logits = model(batch["inputs"])                                   # [B, T, V] float32
+      logits, aux = model(batch["inputs"], return_aux=True)             # [B, T, V] float32
       w = batch["weights"]
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
       total = jnp.maximum(w.sum(), 1.0)
       correct = (logits.argmax(-1) == batch["targets"]).astype(jnp.float32)
-      return (ce * w).sum() / total, {"accuracy": (correct * w).sum() / total}
+      return (ce * w).sum() / total + sum(aux.values()), {"accuracy": (correct * w).sum() / total, **aux}
     return lm_loss
   if kind == "classification":
     def cls_loss(model, batch):
-      logits = model(batch["images"])                                   # [B, classes]
+      logits, aux = model(batch["images"], return_aux=True)             # [B, classes]
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
       correct = (logits.argmax(-1) == batch["labels"]).astype(jnp.float32)
-      return ce.mean(), {"accuracy": correct.mean()}
+      return ce.mean() + sum(aux.values()), {"accuracy": correct.mean(), **aux}
     return cls_loss
   raise ValueError(f"source kind must be 'lm' or 'classification', got {kind!r}")
 

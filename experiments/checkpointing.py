@@ -34,6 +34,41 @@ class CorruptCheckpointError(RuntimeError):
   """A checkpoint directory that cannot be restored or fails verification."""
 
 
+class IncompatibleCheckpointError(RuntimeError):
+  """An intact checkpoint of a different state (another model, mixer or optimizer): it is left in
+  place, not moved aside, and the run stops rather than start over."""
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _shapes(tree) -> dict:
+  """``{path: shape}`` with paths as tuples of names, the same for a live state (nnx variables,
+  optax tuples) and for the metadata Orbax saved of it (nested dicts)."""
+  return {tuple(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def structure_difference(saved, expected, limit: int = 6) -> str | None:
+  """What differs between a saved state's structure and the one expected, or None."""
+  a, b = _shapes(saved), _shapes(expected)
+  show = lambda paths: ", ".join("/".join(p) for p in sorted(paths)[:limit]) + (" ..." if len(paths) > limit else "")
+  parts = []
+  missing, unexpected = set(b) - set(a), set(a) - set(b)
+  if missing:
+    parts.append(f"{len(missing)} array(s) the model has but the checkpoint lacks ({show(missing)})")
+  if unexpected:
+    parts.append(f"{len(unexpected)} array(s) the checkpoint has but the model lacks ({show(unexpected)})")
+  reshaped = [p for p in set(a) & set(b) if a[p] != b[p]]
+  if reshaped:
+    parts.append("different shapes: " + ", ".join(f"{'/'.join(p)} {a[p]} vs {b[p]}" for p in sorted(reshaped)[:limit]))
+  return "; ".join(parts) or None
+
+
 def _as_uint32(x):
   x = jnp.asarray(x)
   if x.dtype == jnp.bool_:
@@ -84,7 +119,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=async_save,
         create=True, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    # Handlers given up front (not inferred at the first save) let a fresh manager read the
+    # metadata of existing checkpoints, which check_compatible compares before restoring.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -102,8 +141,24 @@ class Checkpointer:
     """Blocks until pending asynchronous saves are on disk."""
     self.manager.wait_until_finished()
 
+  def check_compatible(self, step: int, abstract_state) -> None:
+    """Raises :class:`IncompatibleCheckpointError` if checkpoint ``step`` holds arrays of another
+    structure than ``abstract_state`` (unreadable metadata is left to :meth:`restore`)."""
+    try:
+      saved = self.manager.item_metadata(step)["state"]
+    except Exception:  # Damaged metadata: restore() reports and quarantines it.
+      return
+    if saved is None:
+      return
+    diff = structure_difference(saved, abstract_state)
+    if diff:
+      raise IncompatibleCheckpointError(
+          f"checkpoint {step} in {self.directory} was written for another model or optimizer: {diff}. "
+          "Resume with the configuration that wrote it, or use another --workdir")
+
   def restore(self, step: int, abstract_state):
     """``(state, meta)`` of ``step``, verified; raises :class:`CorruptCheckpointError`."""
+    self.check_compatible(step, abstract_state)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -123,7 +178,9 @@ class Checkpointer:
   def restore_latest(self, abstract_state, log=None):
     """Restores the newest checkpoint that verifies, moving damaged newer ones aside.
 
-    Returns ``(state, meta)``, or ``None`` when no usable checkpoint exists.
+    Returns ``(state, meta)``, or ``None`` when no usable checkpoint exists. Raises
+    :class:`IncompatibleCheckpointError` (moving nothing) when the newest intact checkpoint holds
+    another state structure.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     for step in reversed(self.all_steps()):

@@ -1,8 +1,13 @@
-"""Speed and compiled memory of attention mechanisms vs sequence length, in CAB's four patterns.
+"""Speed and compiled memory of token mixers vs sequence length, in CAB's four patterns.
 
-A *mechanism* is a named way of computing attention (a primitive, a backend, a mask); new
-mechanisms join by appending to :data:`MECHANISMS`. Each measurement compiles the mechanism for
-one (pattern, length, mode) and records:
+The mechanisms are the efficiency presets of the mixer registry
+(:func:`attn_jax.layers.registry.efficiency_presets`): each names a mixer and its fields, so a
+new mechanism joins by declaring a preset in its own module. Each measurement builds the mixer's
+layer (heads and head dim from :class:`Shape`, no RoPE) and compiles it for one (pattern,
+length, mode): self patterns call the layer on ``x [B, L, heads * head_dim]`` (``causal=False``
+for the non-causal one), cross patterns the entry's cross layer on ``x`` and a memory of
+``L // 2`` tokens; ``fwd_bwd`` differentiates with respect to the input(s) and the parameters.
+Recorded:
 
 * ``time_ms``, ``time_min_ms``, ``time_max_ms``: median, minimum and maximum wall time of the
   compiled call over its timed runs (:func:`time_and_memory`: ``repeats`` runs after one warm-up,
@@ -14,10 +19,14 @@ one (pattern, length, mode) and records:
   ``seq^2`` for materialised attention (deterministic: no spread);
 * ``cost_s``: what the cell cost the benchmark (compile + every run), for budgeting.
 
-The dense baseline is ``jax.nn.dot_product_attention`` with its default implementation (what a
-user would otherwise call; ``xla`` on a CPU). The naive reference oracle is not timed: every
-mechanism declares its ``reference`` (the same computation with ``implementation="reference"``),
-and :func:`check_against_reference` compares the two.
+The dense baseline (:data:`BASELINE`) is ``jax.nn.dot_product_attention`` with its default
+implementation (what a user would otherwise call; ``xla`` on a CPU), between the softmax mixer's
+own projections. The naive reference oracle is not timed: every mechanism whose mixer has a
+primitive family is checked against the same layer with ``implementation="reference"`` and the
+same parameters (:func:`check_against_reference`).
+
+Timing the layer rather than the bare primitive includes its projections (the same work for
+every mechanism of a width, linear in the length), as a model pays them.
 
 CAB's *efficiency length* of a mechanism is the shortest measured length from which it is
 faster (resp. smaller) than the dense baseline at that and every longer measured length; for
@@ -30,18 +39,18 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-import attn_jax
-from attn_jax import masks
-from attn_jax import mechanisms
+from attn_jax import dispatch
+from attn_jax.layers import registry
+from attn_jax.layers.mixers import common
 
 # CAB's four attention patterns. Cross patterns attend from q_len = L queries to kv_len = L // 2
-# keys; causal cross aligns the last query with the last key (bottom-right).
+# memory tokens; causal cross sees memory positions j <= i.
 PATTERNS = {
     "noncausal_self": dict(cross=False, causal=False),
     "causal_self": dict(cross=False, causal=True),
@@ -58,88 +67,80 @@ MIN_RUNS = 3
 
 @dataclasses.dataclass(frozen=True)
 class Mechanism:
-  """A benchmarked attention variant.
+  """A benchmarked mechanism: an efficiency preset of the registry, or the dense baseline.
 
   Attributes:
-    name: row label in the report.
-    fn: ``fn(q, k, v, causal) -> out`` in the ``[B, T, H, D]`` layout.
-    baseline: True for the dense attention that efficiency lengths are measured against.
-    patterns: the CAB patterns the mechanism has a form for (None: all four); the benchmark
-      skips the others.
-    reference: the same computation by the naive oracle (same signature), for
-      :func:`check_against_reference`; never timed.
-    quality: the quality-suite mechanism (``experiments.mechanisms`` name) whose MQAR accuracy
-      stands for this one in the report's recommendation; None: its quality is not measured.
+    name: row label in the report (the preset's name).
+    mixer: the registry entry.
+    fields: the entry's fields, ``((name, value), ...)``.
+    patterns: the CAB patterns it has a form for; the suite skips the others.
+    baseline: the dense ``jax.nn.dot_product_attention`` layer (:data:`BASELINE`) that efficiency
+      lengths are measured against, instead of the entry's layer.
+    default: part of the suite's default list.
+    quality: the quality preset whose MQAR accuracy stands for this mechanism in the report's
+      recommendation; None: its quality is not measured.
   """
 
   name: str
-  fn: Callable[..., jax.Array]
+  mixer: str
+  fields: tuple = ()
+  patterns: tuple[str, ...] = ()
   baseline: bool = False
-  patterns: tuple[str, ...] | None = None
-  reference: Callable[..., jax.Array] | None = None
+  default: bool = True
   quality: str | None = None
 
   def supports(self, pattern: str) -> bool:
-    return self.patterns is None or pattern in self.patterns
+    return pattern in self.patterns
+
+  @property
+  def has_reference(self) -> bool:
+    """Whether the mixer's primitive family has the naive ``reference`` backend to check against."""
+    family = registry.get(self.mixer).family
+    return family is not None and "reference" in dispatch.backends(family)
 
 
-def _softmax(implementation, window=None, sinks=0):
-  def fn(q, k, v, causal):
-    mask = masks.causal() if causal else None
-    if window is not None:
-      local = masks.sliding_window(window - 1) if causal else masks.sliding_window(window // 2, window // 2)
-      if sinks:
-        local = local | masks.sink_tokens(sinks, causal=causal)
-      mask = local if mask is None else mask & local
-    return attn_jax.attention(q, k, v, mask=mask, implementation=implementation)
-  return fn
+BASELINE = Mechanism("dense (jax.nn)", "softmax", (), tuple(PATTERNS), baseline=True, quality="softmax")
 
 
-def _linear(implementation, lightning=False):
-  """Linear attention: elu+1 features, normalised (Katharopoulos et al.), or Lightning's decays.
+def mechanisms() -> list[Mechanism]:
+  """The dense baseline, then every efficiency preset of the registry whose mixer can run here,
+  in registry order."""
+  out = [BASELINE]
+  for name, (entry, preset) in registry.efficiency_presets().items():
+    if not entry.is_available:
+      continue
+    patterns = tuple(p for p in preset.patterns if not PATTERNS[p]["cross"] or entry.cross_layer is not None)
+    out.append(Mechanism(name, entry.name, tuple(preset.fields), patterns, default=preset.default,
+                         quality=preset.quality))
+  return out
 
-  Causal cross attention (q and k/v of different lengths) has no linear-attention form, and a
-  decay orders the tokens, so Lightning has the causal self pattern only.
+
+def baseline_name() -> str:
+  return BASELINE.name
+
+
+class DenseBaseline(nnx.Module):
+  """``jax.nn.dot_product_attention`` (default implementation) between the softmax mixer's
+  projections: the layer a user would write without this library, in CAB's four patterns.
+
+  Causal attention uses jax's ``is_causal``, whose mask is top-left aligned: query ``i`` sees key
+  ``j <= i``, which is the softmax mixer's causal self attention and its causal cross attention
+  (``masks.causal(offset=0)``) alike. The parameters have the softmax layers' structure, so
+  :func:`check_against_reference` runs the reference layer on them.
   """
-  def fn(q, k, v, causal):
-    if lightning:
-      slopes = mechanisms.lightning_slopes(k.shape[2])
-      return mechanisms.lightning_attention(q, k, v, slopes, implementation=implementation)
-    return attn_jax.linear_attention(q, k, v, feature_map="elu_plus_one", normalize=True, causal=causal,
-                                     implementation=implementation)
-  return fn
 
+  def __init__(self, config, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.causal = config.causal
+    self.proj = common.Projections(config, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-def _dense(q, k, v, causal):
-  """``jax.nn.dot_product_attention`` (default implementation) with this project's conventions.
-
-  Causal attention here is bottom-right aligned (query ``i`` sees key ``j <= i + kv_len -
-  q_len``) and a query that sees no key returns zeros; jax's ``is_causal`` is top-left aligned.
-  For ``q_len >= kv_len`` the two agree on the last ``kv_len`` queries, which form a square
-  causal problem; the earlier queries see nothing.
-  """
-  tq, tk = q.shape[1], k.shape[1]
-  if not causal or tq == tk:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-  if tq < tk:
-    raise NotImplementedError(f"causal dense baseline needs q_len >= kv_len, got {tq} < {tk}")
-  out = jax.nn.dot_product_attention(q[:, tq - tk:], k, v, is_causal=True)
-  return jnp.pad(out, ((0, 0), (tq - tk, 0), (0, 0), (0, 0)))
-
-
-_LINEAR_PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross")
-
-MECHANISMS = [
-    Mechanism("dense (jax.nn)", _dense, baseline=True, reference=_softmax("reference"), quality="softmax"),
-    Mechanism("flash (xla)", _softmax("xla"), reference=_softmax("reference"), quality="softmax"),
-    # The quality suite's sliding window is a quarter of its 64-token task; no sinks.
-    Mechanism("window256+4sinks (xla)", _softmax("xla", window=256, sinks=4),
-              reference=_softmax("reference", window=256, sinks=4), quality="sliding_window"),
-    Mechanism("linear elu+1 (xla)", _linear("xla"), patterns=_LINEAR_PATTERNS,
-              reference=_linear("reference"), quality="linear"),
-    Mechanism("lightning (xla)", _linear("xla", lightning=True), patterns=("causal_self",),
-              reference=_linear("reference", lightning=True)),
-]
+  def __call__(self, x, memory=None, *, positions=None):
+    """``x [B, T, C]`` (and ``memory [B, M, C]`` for cross attention) -> ``[B, T, C]``."""
+    del positions  # no RoPE in the benchmark
+    if memory is None:
+      q, k, v = self.proj.qkv(x)
+    else:
+      q, k, v = self.proj.q_proj(x), self.proj.k_proj(memory), self.proj.v_proj(memory)
+    return self.proj.o_proj(jax.nn.dot_product_attention(q, k, v, is_causal=self.causal))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +152,40 @@ class Shape:
   dtype: str = "float32"
 
 
-def _inputs(shape: Shape, q_len: int, kv_len: int):
-  ks = jax.random.split(jax.random.PRNGKey(0), 3)
-  dt = jnp.dtype(shape.dtype)
-  q = jax.random.normal(ks[0], (shape.batch, q_len, shape.heads, shape.head_dim), dt)
-  k = jax.random.normal(ks[1], (shape.batch, kv_len, shape.kv_heads, shape.head_dim), dt)
-  v = jax.random.normal(ks[2], (shape.batch, kv_len, shape.kv_heads, shape.head_dim), dt)
-  return q, k, v
+def _layer(mech: Mechanism, pattern: str, shape: Shape, *, reference: bool = False):
+  """``(graphdef, params, call)``: the mechanism's layer for ``pattern`` (with
+  ``implementation="reference"`` if ``reference``); ``call(layer, x, memory)``."""
+  p = PATTERNS[pattern]
+  kv_heads = None if shape.kv_heads == shape.heads else shape.kv_heads
+  fields = dict(mech.fields)
+  if reference:
+    fields["implementation"] = "reference"
+  config = registry.mixer_config(mech.mixer, num_heads=shape.heads, num_kv_heads=kv_heads,
+                                 head_dim=shape.head_dim, causal=p["causal"], rope=0, **fields)
+  dim, dt = shape.heads * shape.head_dim, jnp.dtype(shape.dtype)
+  kw = dict(rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt)
+  if mech.baseline and not reference:
+    layer = DenseBaseline(config, dim, **kw)
+    call = lambda layer, x, memory: layer(x, memory)
+  elif p["cross"]:
+    layer = registry.build_cross(config, dim, **kw)
+    call = lambda layer, x, memory: layer(x, memory)
+  else:
+    layer = registry.build(config, dim, **kw)
+    call = lambda layer, x, memory: layer(x, positions=jnp.arange(x.shape[1])[None])
+  graphdef, params = nnx.split(layer)
+  return graphdef, params, call
+
+
+def _inputs(pattern: str, seq_len: int, shape: Shape):
+  """``(kv_len, x [B, L, C], memory [B, kv_len, C] or None)`` for ``pattern``."""
+  cross = PATTERNS[pattern]["cross"]
+  kv_len = max(1, seq_len // 2) if cross else seq_len
+  dim, dt = shape.heads * shape.head_dim, jnp.dtype(shape.dtype)
+  kx, km = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (shape.batch, seq_len, dim), dt)
+  memory = jax.random.normal(km, (shape.batch, kv_len, dim), dt) if cross else None
+  return kv_len, x, memory
 
 
 def summarize_times(times_s) -> dict:
@@ -208,26 +236,23 @@ def time_and_memory(fn, args, repeats: int) -> dict:
   return out
 
 
-def _pattern_inputs(pattern: str, seq_len: int, shape: Shape):
-  kv_len = max(1, seq_len // 2) if PATTERNS[pattern]["cross"] else seq_len
-  return kv_len, _inputs(shape, seq_len, kv_len)
-
-
 def measure(mech: Mechanism, pattern: str, seq_len: int, mode: str, shape: Shape, repeats: int) -> dict:
   """One measurement; returns a JSON-ready record (``error`` set if the mechanism failed)."""
-  causal = PATTERNS[pattern]["causal"]
-  kv_len, (q, k, v) = _pattern_inputs(pattern, seq_len, shape)
-  record = dict(mechanism=mech.name, pattern=pattern, seq_len=seq_len, kv_len=kv_len, mode=mode)
-
-  def fwd(q, k, v):
-    return mech.fn(q, k, v, causal)
-
-  if mode == "fwd":
-    fn = fwd
-  else:
-    fn = jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  cross = PATTERNS[pattern]["cross"]
+  kv_len, x, memory = _inputs(pattern, seq_len, shape)
+  record = dict(mechanism=mech.name, mixer=mech.mixer, pattern=pattern, seq_len=seq_len, kv_len=kv_len,
+                mode=mode)
   try:
-    record.update(time_and_memory(fn, (q, k, v), repeats))
+    graphdef, params, call = _layer(mech, pattern, shape)
+
+    def fwd(params, x, memory):
+      return call(nnx.merge(graphdef, params), x, memory)
+
+    if mode == "fwd":
+      fn = fwd
+    else:
+      fn = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2) if cross else (0, 1))
+    record.update(time_and_memory(fn, (params, x, memory), repeats))
   except Exception as e:  # A mechanism that cannot run a case is reported, not fatal.
     record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
   return record
@@ -236,26 +261,27 @@ def measure(mech: Mechanism, pattern: str, seq_len: int, mode: str, shape: Shape
 def check_against_reference(mech: Mechanism, pattern: str, seq_len: int, shape: Shape) -> dict:
   """Max |mechanism - its reference oracle| of the forward output, relative to max |reference|.
 
-  Returns a JSON-ready record: ``max_abs_err`` and ``max_rel_err`` (None without a reference),
-  or ``error``.
+  The reference is the mechanism's layer with ``implementation="reference"`` (the softmax layer
+  for the dense baseline), run on the timed layer's parameters.
+
+  Returns a JSON-ready record: ``max_abs_err`` and ``max_rel_err`` (None when the mixer has no
+  reference backend), or ``error``.
   """
-  causal = PATTERNS[pattern]["causal"]
-  _, (q, k, v) = _pattern_inputs(pattern, seq_len, shape)
   record = dict(mechanism=mech.name, pattern=pattern, seq_len=seq_len, max_abs_err=None, max_rel_err=None)
-  if mech.reference is None:
+  if not mech.has_reference:
     return record
   try:
-    got = np.asarray(jax.jit(lambda q, k, v: mech.fn(q, k, v, causal))(q, k, v), np.float64)
-    want = np.asarray(jax.jit(lambda q, k, v: mech.reference(q, k, v, causal))(q, k, v), np.float64)
+    _, x, memory = _inputs(pattern, seq_len, shape)
+    graphdef, params, call = _layer(mech, pattern, shape)
+    ref_graphdef, _, ref_call = _layer(mech, pattern, shape, reference=True)
+    got = jax.jit(lambda p, x, m: call(nnx.merge(graphdef, p), x, m))(params, x, memory)
+    want = jax.jit(lambda p, x, m: ref_call(nnx.merge(ref_graphdef, p), x, m))(params, x, memory)
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     err = float(np.abs(got - want).max())
     record.update(max_abs_err=err, max_rel_err=err / max(float(np.abs(want).max()), 1e-30))
   except Exception as e:  # Reported in the report, not fatal.
     record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
   return record
-
-
-def baseline_name() -> str:
-  return next(m.name for m in MECHANISMS if m.baseline)
 
 
 def efficiency_lengths(records: list[dict], baseline: str | None = None) -> list[dict]:

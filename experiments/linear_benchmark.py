@@ -21,8 +21,13 @@ Writes ``report.md`` and ``results.json`` (with device, jax version and date) in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
 
 import attn_jax
 from attn_jax import masks
@@ -38,17 +43,37 @@ CONFIGS = {
 }
 
 
-def _lightning(q, k, v, causal):
-  del causal
+def _lightning(q, k, v):
   return mechanisms.lightning_attention(q, k, v, mechanisms.lightning_slopes(k.shape[2]))
 
 
-def _flash(q, k, v, causal):
-  del causal
+def _flash(q, k, v):
   return attn_jax.attention(q, k, v, mask=masks.causal())
 
 
-MECHANISMS = (efficiency.Mechanism("lightning", _lightning), efficiency.Mechanism("flash causal", _flash))
+@dataclasses.dataclass(frozen=True)
+class Primitive:
+  """A causal primitive ``fn(q, k, v) -> out`` timed on its own (no projections)."""
+
+  name: str
+  fn: Callable
+
+
+MECHANISMS = (Primitive("lightning", _lightning), Primitive("flash causal", _flash))
+
+
+def measure(mech: Primitive, seq_len: int, mode: str, shape: efficiency.Shape, repeats: int) -> dict:
+  """One causal self-attention measurement of ``mech`` on ``[B, seq_len, H, D]`` inputs."""
+  record = dict(mechanism=mech.name, pattern="causal_self", seq_len=seq_len, kv_len=seq_len, mode=mode)
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  q, k, v = (jax.random.normal(key, (shape.batch, seq_len, shape.heads, shape.head_dim), jnp.dtype(shape.dtype))
+             for key in ks)
+  fn = mech.fn if mode == "fwd" else jax.grad(lambda *a: mech.fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  try:
+    record.update(efficiency.time_and_memory(fn, (q, k, v), repeats))
+  except Exception as e:  # A case that cannot run is reported, not fatal.
+    record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+  return record
 
 
 def run(config: str, repeats: int, modes=efficiency.MODES, max_flash_len: int | None = None):
@@ -61,7 +86,7 @@ def run(config: str, repeats: int, modes=efficiency.MODES, max_flash_len: int | 
       for mech in MECHANISMS:
         if mech.name == "flash causal" and max_flash_len is not None and n > max_flash_len:
           continue
-        records.append(efficiency.measure(mech, "causal_self", n, mode, shape, repeats))
+        records.append(measure(mech, n, mode, shape, repeats))
   return dict(environment=report.environment(), config=config, shape=vars(shape), records=records)
 
 

@@ -1,16 +1,17 @@
 """The benchmark's quality suite: MQAR recall accuracy vs model width and recurrent state size.
 
-For every mechanism of :mod:`experiments.mechanisms` and every model width, a small decoder LM
-(``experiments/configs/mqar.py``: 2 layers, 1 head) is trained from scratch on multi-query
-associative recall (Zoology's setting, :class:`experiments.data.synthetic.MQAR`) and evaluated
-on held-out sequences. Reported per cell:
+For every quality preset of the mixer registry (:func:`attn_jax.layers.registry.quality_presets`:
+an entry's name, e.g. ``based``, or a named variant, e.g. ``sliding_window``) and every model
+width, a small decoder LM (``experiments/configs/mqar.py``: 2 layers, 1 head) is trained from
+scratch on multi-query associative recall (Zoology's setting,
+:class:`experiments.data.synthetic.MQAR`) and evaluated on held-out sequences. Reported per cell:
 
 * ``accuracy``: the fraction of queries whose value the model predicts (argmax) correctly;
 * ``state_floats``: the size of the model's decoding state for one sequence of the task's
   length, in numbers: its key/value cache for softmax attention (all positions; ``window`` slots
   for a sliding window), its recurrent state for linear attention, its convolution window for a
-  short convolution. Zoology and Based plot recall against this quantity: a mechanism can only
-  recall what its state holds.
+  short convolution, all three for Based. Zoology and Based plot recall against this quantity: a
+  mechanism can only recall what its state holds.
 
 Each cell is one run of :func:`experiments.trainer.train`, so any cell can be reproduced with
 ``python -m experiments.train --config=experiments/configs/mqar.py`` and the overrides recorded
@@ -27,6 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from attn_jax.layers import registry
 from experiments import builders
 from experiments import data as data_lib
 from experiments import trainer
@@ -35,7 +37,8 @@ from experiments.configs import mqar as mqar_config
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """Task and training budget of the suite (defaults: the embedded CPU default).
+  """Task and training budget of the suite (defaults: the embedded CPU default; :meth:`zoology`:
+  Zoology / Based's setting, for an accelerator).
 
   ``learning_rates`` empty: one run per cell at :func:`default_learning_rate`; otherwise a sweep
   whose best run (by eval accuracy) is reported, as Zoology does.
@@ -54,13 +57,53 @@ class Settings:
   seed: int = 0
   implementation: str = ""
 
+  @classmethod
+  def zoology(cls, **changes) -> "Settings":
+    """Zoology / Based's MQAR setting: widths 64 to 512, 256 tokens, 64 key-value pairs,
+    vocabulary 8192, 2 layers, learning rates swept over ``logspace(-4, -2, 4)`` with the best
+    kept. Zoology trains on 100k fixed examples for up to 64 epochs with batch 256; here every
+    step draws a fresh batch of 256, 20k steps (5.1M sequences)."""
+    return dataclasses.replace(
+        cls(widths=(64, 128, 256, 512), steps=20_000, batch_size=256, seq_len=256, num_kv_pairs=64,
+            vocab_size=8192, learning_rates=(1e-4, 4.6e-4, 2.2e-3, 1e-2), eval_batches=12), **changes)
+
+  @property
+  def task(self) -> registry.Task:
+    """What quality presets adapt to: the sequence length and the context (the key-value pairs)."""
+    return registry.Task(seq_len=self.seq_len, prefix_len=2 * self.num_kv_pairs)
+
+
+SETTINGS = {"cpu": Settings(), "zoology": Settings.zoology()}
+
 
 def default_learning_rate(width: int) -> float:
   """1e-2 up to width 64, then ``1e-2 * (64 / width)^1.5`` (wider models need smaller steps)."""
   return 1e-2 * min(1.0, (64 / width) ** 1.5)
 
 
-def cell_overrides(settings: Settings, mechanism: str, width: int, learning_rate: float) -> dict:
+def default_presets() -> tuple[str, ...]:
+  """The quality presets of the CPU default (``default=True``) whose mixers can run here."""
+  return tuple(n for n, (e, p) in registry.quality_presets().items() if p.default and e.is_available)
+
+
+def preset_overrides(preset: str, settings: Settings) -> dict:
+  """The ``--config.model.*`` overrides that select quality preset ``preset`` for ``settings``."""
+  presets = registry.quality_presets()
+  if preset not in presets:
+    raise ValueError(f"quality preset must be one of {sorted(presets)}, got {preset!r}")
+  entry, p = presets[preset]
+  fields = p.fields(settings.task)
+  cli = registry.cli_fields(entry.name)
+  bad = sorted(set(fields) - set(cli))
+  if bad:
+    raise ValueError(f"quality preset {preset!r} sets {bad}, which a command line cannot set (its fields "
+                     f"must be among {sorted(cli)} so that every cell can be rerun with experiments.train)")
+  out = {"model.mixer": entry.name}
+  out.update({f"model.mixer_fields.{entry.name}.{k}": v for k, v in fields.items()})
+  return out
+
+
+def cell_overrides(settings: Settings, preset: str, width: int, learning_rate: float) -> dict:
   """The ``--config.X=value`` overrides of ``configs/mqar.py`` that give one cell."""
   return {
       "seed": settings.seed,
@@ -71,7 +114,7 @@ def cell_overrides(settings: Settings, mechanism: str, width: int, learning_rate
       "num_train_steps": settings.steps,
       "log_every": max(1, settings.steps // 8),
       "eval_steps": settings.eval_batches,
-      "model.mechanism": mechanism,
+      **preset_overrides(preset, settings),
       "model.dim": width,
       "model.mlp_dim": 2 * width,
       "model.num_layers": settings.num_layers,
@@ -110,9 +153,10 @@ def parameter_count(config) -> int:
 
 
 def run_cell(settings: Settings, mechanism: str, width: int, *, show_progress: bool = False) -> dict:
-  """Trains and evaluates one (mechanism, width) cell; a failure is recorded, not raised."""
+  """Trains and evaluates one (quality preset ``mechanism``, width) cell; a failure is recorded,
+  not raised."""
   lrs = settings.learning_rates or (default_learning_rate(width),)
-  record = dict(mechanism=mechanism, width=width)
+  record = dict(mechanism=mechanism, mixer=registry.quality_presets()[mechanism][0].name, width=width)
   runs = []
   for lr in lrs:
     overrides = cell_overrides(settings, mechanism, width, lr)

@@ -1,15 +1,21 @@
 r"""Trains a model of the zoo: flags -> ml_collections config -> :func:`experiments.trainer.train`.
 
     python -m experiments.train --config=experiments/configs/mqar.py --workdir=/tmp/mqar \
-        [--config.model.mechanism=sliding_window --config.num_train_steps=2000 ...]
+        [--config.model.mixer=based --config.model.mixer_fields.based.window=16 \
+         --config.num_train_steps=2000 ...]
+
+``--config.model.mixer`` is any name of the mixer registry (``python -m experiments.benchmark
+--list``), or names joined by commas for a hybrid; ``--config.model.mixer_fields.<name>.<field>``
+sets that mechanism's own fields.
 
 Multi-process runs join with ``--coordinator_address/--num_processes/--process_id`` (the local
 launcher), by themselves under SLURM, or with ``--distributed=jax`` on Cloud TPU pods (see
 ``launch/README.md``). A run that
 finds checkpoints in ``--workdir`` resumes from the newest good one; one whose checkpoint is
 already at ``num_train_steps`` says so and prints the finished run's final metrics. Exit status:
-0 when done (or already done), 1 on a non-finite loss, 143 after saving on SIGTERM, 130 after
-saving on Ctrl-C (SIGINT; a second Ctrl-C stops at once without saving, also 130).
+0 when done (or already done), 1 on a non-finite loss or a checkpoint of another model in
+``--workdir``, 143 after saving on SIGTERM, 130 after saving on Ctrl-C (SIGINT; a second Ctrl-C
+stops at once without saving, also 130).
 """
 
 from __future__ import annotations
@@ -62,9 +68,11 @@ def main(argv):
   if jax.process_index() == 0:
     print(f"attn_jax train: {how} start, {jax.process_count()} process(es), "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
+  from experiments import checkpointing
+
   try:
     summary = trainer.train(_CONFIG.value, _WORKDIR.value)
-  except trainer.NonFiniteLossError as e:
+  except (trainer.NonFiniteLossError, checkpointing.IncompatibleCheckpointError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   except KeyboardInterrupt:
@@ -100,4 +108,10 @@ def final_message(summary: dict, total_steps: int, workdir: str) -> str:
 
 
 if __name__ == "__main__":
+  from experiments import compat
+
+  # The removed flags would only get a generic "no such field" from the flag parser.
+  legacy = compat.scan_argv(sys.argv[1:])
+  if legacy:
+    sys.exit(f"ERROR: {legacy}")
   app.run(main)

@@ -13,8 +13,9 @@ every device of a multi-process run), and with a ``workdir``:
   saves, and returns with ``preempted`` set (``experiments.train`` then exits with
   :data:`EXIT_PREEMPTED` or :data:`EXIT_INTERRUPTED`); a second Ctrl-C raises
   ``KeyboardInterrupt`` at once, without saving;
-* prints the resolved mixer configuration of every layer (what the mechanism's defaults and the
-  task's length made of ``config.model``) and writes it to ``config.json`` (``resolved``);
+* prints the resolved mixer configuration of every layer (the typed registry config that
+  ``config.model`` built, every field the mechanism defaults included) and writes it to
+  ``config.json`` (``resolved.mixers``);
 * on a resume, drops the metrics that the interrupted run logged after its last checkpoint, so
   that every step appears once in ``metrics.jsonl`` (and in TensorBoard);
 * on a work directory whose checkpoint is already at ``num_train_steps``, trains nothing and
@@ -47,10 +48,12 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from attn_jax import layers
 from attn_jax import models
 from attn_jax import sharding
 from experiments import builders
 from experiments import checkpointing
+from experiments import compat
 from experiments import data as data_lib
 from experiments import metrics as metrics_lib
 
@@ -209,23 +212,34 @@ def _write_json(path, payload):
   os.replace(tmp, path)
 
 
+def _mixer_name(config_obj) -> str | None:
+  """The registry name of a typed mixer config, or None for any other object."""
+  return config_obj.mixer if isinstance(config_obj, layers.MixerConfig) else None
+
+
 def _fields(config_obj) -> dict:
-  """A mixer config's fields (one level: masks and other objects stay objects)."""
+  """A mixer config's fields (one level: masks and other objects stay objects), led by its
+  registry name under ``mixer``."""
   if dataclasses.is_dataclass(config_obj):
-    return {f.name: getattr(config_obj, f.name) for f in dataclasses.fields(config_obj)}
+    name = _mixer_name(config_obj)
+    head = {} if name is None else {"mixer": name}
+    return {**head, **{f.name: getattr(config_obj, f.name) for f in dataclasses.fields(config_obj)}}
   return dict(vars(config_obj)) if hasattr(config_obj, "__dict__") else {"value": config_obj}
 
 
-def resolved_mixers(model_config) -> list[dict]:
-  """The mixer config of every layer of a built model's config (``LMConfig`` / ``ViTConfig``),
-  as dicts: what the trainer actually runs, after the mechanism and the task's length resolved
-  ``config.model`` (e.g. the window ``sliding_window`` chose)."""
+def _layer_configs(model_config) -> list:
   if hasattr(model_config, "layer_configs"):
-    layers_ = model_config.layer_configs()
-  else:
-    schedule = model_config.schedule
-    layers_ = schedule if isinstance(schedule, tuple) else (schedule,)
-  return [_fields(c) for c in layers_]
+    return list(model_config.layer_configs())
+  schedule = model_config.schedule
+  return list(schedule if isinstance(schedule, tuple) else (schedule,))
+
+
+def resolved_mixers(model_config) -> list[dict]:
+  """The typed mixer config of every layer of a built model's config (``LMConfig`` /
+  ``ViTConfig``), as dicts (``mixer``: the registry name, then every field): what the trainer
+  actually runs, after the registry's defaults and the task's length resolved ``config.model``
+  (e.g. the window the ``sliding_window`` preset chose)."""
+  return [_fields(c) for c in _layer_configs(model_config)]
 
 
 def _non_default(config_obj) -> dict:
@@ -236,26 +250,26 @@ def _non_default(config_obj) -> dict:
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
     value = getattr(config_obj, f.name)
-    if f.name in ("mechanism", "name") or value != default:
+    if value != default:
       out[f.name] = value
   return out
 
 
 def describe_mixers(model_config) -> str:
-  """One line per run of identical layers: ``layers 0-1: mechanism=softmax window=16 ...`` with
-  the fields that differ from the config class's defaults."""
-  if hasattr(model_config, "layer_configs"):
-    layers_ = list(model_config.layer_configs())
-  else:
-    schedule = model_config.schedule
-    layers_ = list(schedule if isinstance(schedule, tuple) else (schedule,))
+  """One line per run of identical layers, as the call that builds them:
+  ``layers 0-1: mixer_config('softmax', window=16)``, with the fields that differ from the
+  mechanism's defaults."""
+  layers_ = _layer_configs(model_config)
   lines, start = [], 0
   for i in range(1, len(layers_) + 1):
     if i == len(layers_) or layers_[i] != layers_[start]:
       c = layers_[start]
-      fields = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in _non_default(c).items())
+      args = [f"{k}={v!r}" for k, v in _non_default(c).items()]
+      name = _mixer_name(c)
+      call = (f"mixer_config({', '.join([repr(name)] + args)})" if name is not None
+              else f"{type(c).__name__}({', '.join(args)})")
       which = f"layer {start}" if i - start == 1 else f"layers {start}-{i - 1}"
-      lines.append(f"  {which}: {type(c).__name__}({fields})")
+      lines.append(f"  {which}: {call}")
       start = i
   return "mixers (resolved; fields at their defaults omitted, config.json has them all):\n" + "\n".join(lines)
 
@@ -310,12 +324,16 @@ def train(config, workdir: str | None = None, *, show_progress: bool = True, des
         ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                           every=config.checkpoint.every, keep=config.checkpoint.keep,
                                           async_save=config.checkpoint.async_save)
-        restored = ckpt.restore_latest(checkpointing.abstract_like(state), log=log)
+        try:
+          restored = ckpt.restore_latest(checkpointing.abstract_like(state), log=log)
+        except checkpointing.IncompatibleCheckpointError as e:
+          raise checkpointing.IncompatibleCheckpointError(f"{e}{compat.workdir_hint(workdir)}") from None
         if restored is not None:
           state, meta = restored
           start = int(meta["data_position"])
           log(f"resumed from checkpoint {meta['step']} (data position {start})")
-      # Written after the restore; ``resolved`` is what the run actually builds.
+      # Written after the restore, so that a refused resume leaves the run's own config.json;
+      # ``resolved`` is what the run actually builds.
       if is_main:
         _write_json(os.path.join(workdir, "config.json"),
                     {**json.loads(config.to_json_best_effort()),

@@ -176,6 +176,14 @@ class MaskSpec:
     per_head: the mask depends on the query head.
     has_full, has_partial: whether any FULL / PARTIAL entry exists; kernels compile only the
       branches that can run.
+    head_group: with ``per_head``, query head ``h`` reads list row ``h // head_group`` (1: one
+      list per query head; the GQA group size: one list per K/V head).
+    per_batch: the lists have a batch axis folded into their rows: batch ``b`` reads rows
+      ``b * list_heads + ...`` (traced BlockMasks, whose selection depends on the data).
+    list_heads: number of head rows per batch entry (used with ``per_batch``).
+    csr_transposed: the transposed lists are compressed rows (traced BlockMasks): ``q_counts``
+      holds ``[rows, nk + 1]`` offsets and ``q_indices`` / ``q_kinds`` are ``[rows, nq * W]``;
+      key block ``j`` walks entries ``q_counts[r, j] .. q_counts[r, j + 1] - 1``.
   """
 
   predicate: Callable[[Any, Any, Any], Any] | None
@@ -183,7 +191,19 @@ class MaskSpec:
   per_head: bool
   has_full: bool
   has_partial: bool
+  head_group: int = 1
+  per_batch: bool = False
+  list_heads: int = 1
+  csr_transposed: bool = False
 
   def __post_init__(self):
     if self.has_partial and (self.predicate is None) == (not self.use_tiles):
       raise ValueError("a MaskSpec with partial tiles needs exactly one of predicate and use_tiles")
+
+
+def list_row(mask: MaskSpec, b, h):
+  """The schedule row that (batch ``b``, query head ``h``) reads."""
+  row = h // mask.head_group if mask.per_head else 0
+  if mask.per_batch:
+    row = b * mask.list_heads + row
+  return row

@@ -69,10 +69,23 @@ def _visibility(mask: fc.MaskSpec, masked, tile, q_idx, kv_idx, head, seg, shape
   return vis
 
 
-def _row_range(hmap_ref, ptr_ref, head, row, n_rows):
-  """``[start, end)`` of ``row``'s entries in the list of (local) query head ``head``."""
+def _walk(mask: fc.MaskSpec, hmap_ref, ptr_ref, b, head, row, n_rows, transposed: bool):
+  """``(start, end, entry)``: the entries ``start <= t < end`` of block ``row`` for (batch ``b``,
+  local query head ``head``), ``entry(ref, t)`` reading one of them from a list ref.
+
+  Static BlockMasks give :class:`~pallas_kernels.flash_common.Lists` (compressed sparse rows with
+  a head -> list map). Traced BlockMasks (``mask.csr_transposed``) give their device lists, one
+  row per (batch, list head): ``ptr`` holds the counts ``[rows, nq]`` and ``idx`` / ``kinds`` are
+  ``[rows, nq, W]`` for the forward and dQ passes; for dK/dV ``ptr`` holds offsets
+  ``[rows, nk + 1]`` into ``[rows, nq * W]`` lists.
+  """
+  if mask.csr_transposed:
+    r = fc.list_row(mask, b, head)
+    if transposed:
+      return ptr_ref[r, row], ptr_ref[r, row + 1], lambda ref, t: ref[r, t]
+    return 0, ptr_ref[r, row], lambda ref, t: ref[r, row, t]
   base = hmap_ref[head] * (n_rows + 1) + row
-  return ptr_ref[base], ptr_ref[base + 1]
+  return ptr_ref[base], ptr_ref[base + 1], lambda ref, t: ref[t]
 
 
 def flash_fwd_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
@@ -101,8 +114,10 @@ def flash_fwd_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *re
   qseg = qseg_ref[...] if has_segments else None
   head = off_ref[0] + h
 
+  first, end, entry = _walk(mask, hmap_ref, ptr_ref, b, h, i, n_rows, False)
+
   def body(t, carry):
-    j = idx_ref[t]
+    j = entry(idx_ref, t)
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
@@ -113,7 +128,7 @@ def flash_fwd_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *re
       s, _ = _logits(q, k, scale, soft_cap)
       kv_idx = (start + lax.iota(jnp.int32, bk))[None, :]
       seg = (qseg[:, None] == kvseg_ref[pl.ds(start, bk)][None, :]) if has_segments else None
-      tile = tiles_ref[tid_ref[t]] if (masked and mask.use_tiles) else None
+      tile = tiles_ref[entry(tid_ref, t)] if (masked and mask.use_tiles) else None
       vis = _visibility(mask, masked, tile, q_idx, kv_idx, head, seg, (bq, bk))
       if vis is None:
         m_new = jnp.maximum(m_prev, s.max(axis=1))
@@ -125,9 +140,9 @@ def flash_fwd_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *re
       pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
       return m_new, alpha * l_prev + p.sum(axis=1), alpha[:, None] * acc + pv
 
-    return _select(mask, kind_ref[t], update, carry)
+    return _select(mask, entry(kind_ref, t), update, carry)
 
-  m, l, acc = lax.fori_loop(*_row_range(hmap_ref, ptr_ref, h, i, n_rows), body, (m0, l0, acc0))
+  m, l, acc = lax.fori_loop(first, end, body, (m0, l0, acc0))
   positive = l > 0
   safe = jnp.where(positive, l, 1.0)
   o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
@@ -215,8 +230,10 @@ def flash_dq_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *ref
   qseg = qseg_ref[...] if has_segments else None
   head = off_ref[0] + h
 
+  first, end, entry = _walk(mask, hmap_ref, ptr_ref, b, h, i, n_rows, False)
+
   def body(t, acc):
-    j = idx_ref[t]
+    j = entry(idx_ref, t)
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
@@ -226,7 +243,7 @@ def flash_dq_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *ref
       s, th = _logits(q, k, scale, soft_cap)
       kv_idx = (start + lax.iota(jnp.int32, bk))[None, :]
       seg = (qseg[:, None] == kvseg_ref[pl.ds(start, bk)][None, :]) if has_segments else None
-      tile = tiles_ref[tid_ref[t]] if (masked and mask.use_tiles) else None
+      tile = tiles_ref[entry(tid_ref, t)] if (masked and mask.use_tiles) else None
       vis = _visibility(mask, masked, tile, q_idx, kv_idx, head, seg, (bq, bk))
       p = jnp.exp(s - lse)
       if vis is not None:
@@ -237,9 +254,9 @@ def flash_dq_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *ref
         ds = ds * (1.0 - th * th)
       return acc + scale * lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
 
-    return _select(mask, kind_ref[t], update, acc)
+    return _select(mask, entry(kind_ref, t), update, acc)
 
-  acc = lax.fori_loop(*_row_range(hmap_ref, ptr_ref, h, i, n_rows), body,
+  acc = lax.fori_loop(first, end, body,
                       jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = acc.astype(dq_ref.dtype)
 
@@ -265,8 +282,10 @@ def flash_dkv_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *re
     h = hk * group + g
     head = off_ref[0] + h
 
+    first, end, entry = _walk(mask, hmap_ref, ptr_ref, b, h, j, n_rows, True)
+
     def body(t, accs):
-      i = idx_ref[t]
+      i = entry(idx_ref, t)
       start = pl.multiple_of(i * bq, bq)
       q = q_ref[pl.ds(start, bq), h, :]
       do = do_ref[pl.ds(start, bq), h, :]
@@ -279,7 +298,7 @@ def flash_dkv_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *re
         s, th = _logits(k, q, scale, soft_cap)  # [bk, bq]
         q_idx = (start + lax.iota(jnp.int32, bq))[None, :]
         seg = (kvseg[:, None] == qseg_ref[pl.ds(start, bq)][None, :]) if has_segments else None
-        tile = tiles_ref[tid_ref[t]] if (masked and mask.use_tiles) else None
+        tile = tiles_ref[entry(tid_ref, t)] if (masked and mask.use_tiles) else None
         vis = _visibility(mask, masked, tile, q_idx, kv_idx, head, seg, (bk, bq))
         p = jnp.exp(s - lse)
         if vis is not None:
@@ -292,9 +311,9 @@ def flash_dkv_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *re
         dk = dk + scale * lax.dot_general(ds.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32)
         return dk, dv
 
-      return _select(mask, kind_ref[t], update, accs)
+      return _select(mask, entry(kind_ref, t), update, accs)
 
-    return lax.fori_loop(*_row_range(hmap_ref, ptr_ref, h, j, n_rows), body, accs)
+    return lax.fori_loop(first, end, body, accs)
 
   dk, dv = lax.fori_loop(0, group, head_body,
                          (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))

@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_measure_and_efficiency_lengths():
   shape = efficiency.Shape(batch=1, heads=2, kv_heads=1, head_dim=8)
   records = []
-  mechs = [m for m in efficiency.MECHANISMS if m.supports("causal_cross")]
+  mechs = [m for m in efficiency.mechanisms() if m.supports("causal_cross")]
+  assert {m.name for m in mechs} == {"dense (jax.nn)", "flash (xla)"}
   for mech in mechs:
     for n in (32, 64):
       records.append(efficiency.measure(mech, "causal_cross", n, "fwd_bwd", shape, repeats=1))
@@ -36,22 +37,40 @@ def test_measure_and_efficiency_lengths():
   assert md.index("## Recommendation") < md.index("## causal_cross, fwd_bwd")
 
 
-def test_dense_baseline_is_jax_nn_and_matches_the_reference_in_every_pattern():
-  (base,) = [m for m in efficiency.MECHANISMS if m.baseline]
-  assert base.fn is efficiency._dense and base.name == efficiency.baseline_name()
-  # GQA (4 query heads over 2 K/V heads) and the cross patterns' bottom-right causal alignment,
-  # whose first q_len - kv_len queries see no key (zeros).
+def test_dense_baseline_is_jax_nn_and_matches_the_reference_in_every_pattern(monkeypatch):
+  from attn_jax.layers import registry
+  (base,) = [m for m in efficiency.mechanisms() if m.baseline]
+  assert base is efficiency.BASELINE and base.name == efficiency.baseline_name()
+  # The timed baseline layer calls jax.nn.dot_product_attention, not attn_jax.
+  calls = []
+  real = efficiency.jax.nn.dot_product_attention
+  monkeypatch.setattr(efficiency.jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+  # GQA (4 query heads over 2 K/V heads) and the cross patterns' causal alignment (query i sees
+  # memory j <= i, the softmax mixer's causal cross attention).
   shape = efficiency.Shape(batch=1, heads=4, kv_heads=2, head_dim=8)
   for pattern in efficiency.PATTERNS:
     check = efficiency.check_against_reference(base, pattern, 32, shape)
     assert "error" not in check and check["max_abs_err"] < 1e-5, (pattern, check)
-  # Every timed mechanism carries its oracle (the benchmark checks every pattern it times; here
-  # the last one each supports, to keep the test small).
-  for mech in efficiency.MECHANISMS:
-    assert mech.reference is not None, mech.name
+  assert len(calls) == len(efficiency.PATTERNS)
+  # Every timed mechanism whose mixer has a primitive family is checked against its oracle (the
+  # benchmark checks every pattern it times; here the last one each supports, to keep it small).
+  for mech in efficiency.mechanisms():
+    assert mech.has_reference == (registry.get(mech.mixer).family is not None), mech.name
+    if not mech.has_reference:
+      continue
     pattern = [p for p in efficiency.PATTERNS if mech.supports(p)][-1]
-    check = efficiency.check_against_reference(mech, pattern, 32, shape)
+    n = 128 if mech.mixer == "neighborhood" else 32  # its preset's kernel of 64 needs 64 tokens
+    # Without grouped heads, which some mixers (neighborhood, Based, RetNet, LightNet) refuse.
+    check = efficiency.check_against_reference(mech, pattern, n, efficiency.Shape(batch=1, heads=4, head_dim=8))
     assert "error" not in check and check["max_rel_err"] < 1e-4, (mech.name, pattern, check)
+
+
+def test_every_efficiency_preset_names_a_quality_preset_or_none():
+  from attn_jax.layers import registry
+  quality = registry.quality_presets()
+  for name, (entry, preset) in registry.efficiency_presets().items():
+    assert preset.quality is None or (preset.quality in quality and quality[preset.quality][0] is entry), name
+  assert {m.name: m.quality for m in efficiency.mechanisms()}["window256+4sinks (xla)"] == "sliding_window"
 
 
 def test_spread_flags_noisy_timings_on_synthetic_numbers():
@@ -185,7 +204,8 @@ def test_command_line_writes_report(tmp_path):
   assert payload["environment"]["jax_version"]
   assert payload["cost"]["cpu_s"] > 0 and not payload["quality_standing"]["measured"]
   # Two lengths per (mechanism, pattern) that the mechanism has a form for.
-  expected = sum(2 * m.supports(p) for m in efficiency.MECHANISMS for p in ("noncausal_self", "causal_cross"))
+  expected = sum(2 * m.supports(p) for m in efficiency.mechanisms() if m.default
+                 for p in ("noncausal_self", "causal_cross"))
   assert len(payload["efficiency"]) == expected
   assert (tmp_path / "report.md").read_text().startswith("# attn_jax efficiency benchmark")
 
@@ -195,6 +215,31 @@ def test_command_line_rejects_unknown_mechanism(tmp_path):
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "--mechanisms: unknown ['nope']" in result.stderr
+
+
+def test_list_prints_the_registry():
+  from attn_jax.layers import registry
+  result = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--list"], cwd=ROOT, check=True,
+                          capture_output=True, text=True, timeout=120)
+  lines = result.stdout.splitlines()
+  assert lines[0].split()[:4] == ["name", "family", "decode", "cache"] and "backends here (cpu)" in lines[0]
+  for entry in registry.entries():
+    row = next(line for line in lines if line.startswith(entry.name + " "))
+    assert (entry.family or "-") in row and entry.paper in row
+    assert (entry.cache.__name__ if entry.cache else "none") in row
+    assert ("xla" in row) == (entry.family is not None)
+  assert "based: " in result.stdout and "quality presets: based, based_f8 (default)" in result.stdout
+
+
+def test_efficiency_presets_of_every_entry_run(monkeypatch):
+  """Every efficiency preset of the registry measures (one tiny case per preset)."""
+  shape = efficiency.Shape(batch=1, heads=2, kv_heads=2, head_dim=8)
+  for mech in efficiency.mechanisms():
+    pattern = "causal_self" if mech.supports("causal_self") else mech.patterns[0]
+    n = 128 if mech.mixer == "neighborhood" else 32  # its preset's kernel of 64 needs 64 tokens
+    record = efficiency.measure(mech, pattern, n, "fwd", shape, repeats=1)
+    assert "error" not in record, record
+    assert record["time_ms"] > 0 and record["mixer"] == mech.mixer
 
 
 def test_kernel_suite_layouts_and_ideal_ratio():

@@ -73,7 +73,7 @@ DATA_FSDP_TENSOR = dict(data=2, fsdp=2, tensor=2)
 
 
 @pytest.mark.parametrize("kind,mesh_shape", [(k, DATA_FSDP_TENSOR) for k in sorted(MODELS)] + [
-    pytest.param("lm", dict(fsdp=2, sequence=2, tensor=2), marks=pytest.mark.slow)],
+    pytest.param("lm", dict(fsdp=2, sequence=2, tensor=2))],
     ids=[f"{k}-data_fsdp_tensor" for k in sorted(MODELS)] + ["lm-fsdp_sequence_tensor"])
 def test_sharded_step_equals_unsharded(kind, mesh_shape):
   cfg, batch, loss0, grads0, params0 = _unsharded(kind)
@@ -93,6 +93,17 @@ def test_sharded_step_equals_unsharded(kind, mesh_shape):
   _assert_trees_close(grads, grads0, "grads", factor=5.0)
   _assert_trees_close(params, params0, "updated params", factor=5.0)
   assert jax.tree.leaves(grads)[0].sharding == jax.tree.leaves(setup.params)[0].sharding
+
+
+def test_sequence_mesh_axis_splits_activations():
+  """With a sequence mesh axis > 1, the default rules split the activations over it (the
+  sequence-sharded step above equals the unsharded one only if it really is sequence-sharded)."""
+  mesh = sharding.make_mesh(fsdp=2, sequence=2, tensor=2)
+  model = models.DecoderLM(models.lm.tiny(num_layers=1), rngs=nnx.Rngs(0))
+  tokens = jnp.zeros((4, 8), jnp.int32)
+  with sharding.use_rules(mesh):
+    logits = jax.jit(lambda t: model(t))(tokens)
+  assert logits.sharding.spec == P("fsdp", "sequence", "tensor")
 
 
 def test_shard_map_attention_hook_equals_unsharded():

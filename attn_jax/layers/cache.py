@@ -1,6 +1,7 @@
 """Decoding caches. A cache is a pytree chosen by its mechanism.
 
-Each token mixer owns the pytree that carries its state from one decoding step to the next:
+Each token mixer owns the pytree that carries its state from one decoding step to the next (its
+registry entry names the class; a mixer may define its own, e.g. ``BasedCache``):
 
 * :class:`KVCache` for softmax attention: keys, values and the absolute position of each slot.
   With ``window=None`` slot ``p`` holds position ``p`` (capacity = the longest sequence). With

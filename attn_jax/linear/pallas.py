@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +78,13 @@ class PallasGpuConfig:
       :func:`gpu_launch_defaults`, or less for shorter sequences). A ``chunk_size=`` given to the
       call takes precedence.
     block_v: value columns per program, a power of two >= 16 (``None``: by feature dim and
-      dtype); each program keeps a ``[K, block_v]`` slice of the state in registers.
+      dtype).
+    block_k: key channels per program, a power of two >= 16, in the forward and backward
+      kernels (``None``: the whole key dim up to 128 in the forward pass and 64 channels in the
+      backward pass, see :func:`gpu_launch_defaults`). Each program keeps a
+      ``[block_k, block_v]`` float32 slice of the state (and in the backward pass of its
+      gradient) in registers; the output (forward) and dV (backward) contract over the key
+      channels and are summed over the blocks in float32.
     num_warps, num_stages: Triton launch parameters of the three kernels (``None``: the
       defaults by feature dim and dtype; 1 stage).
     interpret: run in Pallas interpret mode; ``None`` means "unless running on a GPU".
@@ -87,6 +93,7 @@ class PallasGpuConfig:
 
   chunk_size: int | None = None
   block_v: int | None = None
+  block_k: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
   interpret: bool | None = None
@@ -95,7 +102,7 @@ class PallasGpuConfig:
   backend: ClassVar[str] = "pallas_gpu"
 
   def __post_init__(self):
-    for name in ("chunk_size", "block_v"):
+    for name in ("chunk_size", "block_v", "block_k"):
       dispatch.check_config_int("LinearPallasGpuConfig", name, getattr(self, name), "a power of two >= 16",
                                 lambda c: c >= 16 and c & (c - 1) == 0)
     for name in ("num_warps", "num_stages"):
@@ -113,6 +120,7 @@ class _Static:
   num_warps: int | None = None
   num_stages: int | None = None
   block_v: int | None = None  # GPU only: value columns per program.
+  block_k: tuple[int, int] | None = None  # GPU only: key channels per program (forward, backward).
 
 
 def _backend(platform: str):
@@ -144,11 +152,12 @@ def _backend(platform: str):
       if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
         raise ValueError(f"chunk_size must be a power of two >= 16 for implementation={name!r}, got {chunk}")
       key_pad, value_pad = dispatch.next_pow2(max(16, spec.key_dim)), dispatch.next_pow2(max(16, spec.value_dim))
-      d_chunk, d_block_v, d_warps = gpu_launch_defaults(spec.decay, key_pad, jnp.dtype(q.dtype).itemsize)
-      chunk = chunk or min(d_chunk, max(16, dispatch.next_pow2(spec.seq_len)))
-      block_v = min(config.block_v or d_block_v, value_pad)
-      static = _Static(platform, spec, chunk, key_pad, value_pad, interpret, config.num_warps or d_warps,
-                       config.num_stages, block_v)
+      launch = gpu_launch_defaults(spec.decay, key_pad, jnp.dtype(q.dtype).itemsize)
+      chunk = chunk or min(launch.chunk, max(16, dispatch.next_pow2(spec.seq_len)))
+      block_v = min(config.block_v or launch.block_v, value_pad)
+      block_k = tuple(min(config.block_k or b, key_pad) for b in (launch.block_k_fwd, launch.block_k_bwd))
+      static = _Static(platform, spec, chunk, key_pad, value_pad, interpret, config.num_warps or launch.num_warps,
+                       config.num_stages, block_v, block_k)
     dispatch.note("chunk", chunk)
     if config.sharding is not None:
       return _sharded(static, config.sharding, q, k, v, log_decay, initial_state, segment_ids)
@@ -157,33 +166,53 @@ def _backend(platform: str):
   return linear_attention
 
 
+class GpuLaunch(NamedTuple):
+  """Launch parameters of the GPU kernels (see :func:`gpu_launch_defaults`)."""
+
+  chunk: int
+  block_v: int
+  num_warps: int
+  block_k_fwd: int
+  block_k_bwd: int
+
+
 # (chunk, block_v, num_warps) of the GPU kernels by (decay kind, feature dim bucket, bytes per
-# element), the least-spilling settings that `python -m attn_jax.compile_check` found on A100
-# (the stricter of A100 / H100) with segment ids, an initial state and GQA. A program keeps a
-# [K, block_v] float32 state slice (and in the backward pass its gradient) in registers, plus
-# [chunk, K] tiles; per-channel decays add [16, chunk] sub-chunk scores and [chunk, K] factors.
-# 16 warps cap ptxas at 128 registers a thread and spill more; 8 is the ceiling that helps.
+# element); with the key blocks of gpu_launch_defaults, `python -m attn_jax.compile_check` finds
+# no register spill on A100 or H100 (see benchmarks/compile_check), and no kernel above 240
+# registers a thread, so that a small change in the code or the compilers does not tip one into
+# spilling (A100's ptxas takes all 255 registers whenever it has a use for them). A program keeps a
+# [block_k, block_v] float32 state slice (and in the backward pass its gradient) in registers,
+# plus [chunk, block_k] tiles; per-channel decays add [chunk, 16] sub-chunk scores and
+# [chunk, block_k] factors. 16 warps would cap ptxas at 128 registers a thread.
 _GPU_LAUNCH = {
-    ("scalar", 64, 2): (32, 32, 8), ("scalar", 128, 2): (16, 32, 8), ("scalar", 256, 2): (16, 16, 8),
-    ("scalar", 64, 4): (16, 32, 8), ("scalar", 128, 4): (16, 16, 8), ("scalar", 256, 4): (16, 16, 8),
-    ("channel", 64, 2): (16, 32, 4), ("channel", 128, 2): (16, 16, 8), ("channel", 256, 2): (16, 16, 8),
+    ("scalar", 64, 2): (16, 32, 8), ("scalar", 128, 2): (16, 32, 8), ("scalar", 256, 2): (16, 32, 8),
+    ("scalar", 64, 4): (16, 16, 8), ("scalar", 128, 4): (16, 16, 8), ("scalar", 256, 4): (16, 16, 8),
+    ("channel", 64, 2): (16, 16, 8), ("channel", 128, 2): (16, 16, 8), ("channel", 256, 2): (16, 16, 8),
     ("channel", 64, 4): (16, 16, 8), ("channel", 128, 4): (16, 16, 8), ("channel", 256, 4): (16, 16, 8),
 }
 
 
-def gpu_launch_defaults(decay: str, key_dim: int, itemsize: int) -> tuple[int, int, int]:
-  """Default ``(chunk, block_v, num_warps)`` of the GPU kernels.
+def gpu_launch_defaults(decay: str, key_dim: int, itemsize: int) -> GpuLaunch:
+  """Default launch parameters of the GPU kernels.
 
   Args:
     decay: ``"none"``, ``"scalar"`` or ``"channel"`` (:mod:`attn_jax.linear.common`).
     key_dim: the (power-of-two padded) feature dim of q and k.
     itemsize: bytes per element of q / k / v.
 
-  One set serves A100 and H100 (the same register file), so no device query is needed.
+  What bounds the registers is the matmuls whose output has the 16-row chunk dim (the scores
+  ``q k^T``, and ``(k * kf) dS`` of dV): Triton splits an output's rows among the warps, so every
+  warp holds all of their operands, ``block_k * (chunk + block_v)`` elements. Key blocks of 64
+  channels keep the backward kernels in budget at any head dim; the forward kernels take the
+  whole key dim up to 128 (their output is then written directly rather than summed over key
+  blocks in float32) and 64-channel blocks above. One set serves A100 and H100 (the same
+  register file), so no device query is needed.
   """
   kind = "channel" if decay == common.CHANNEL else "scalar"
   bucket = 64 if key_dim <= 64 else 128 if key_dim <= 128 else 256
-  return _GPU_LAUNCH[(kind, bucket, 4 if itemsize >= 4 else 2)]
+  chunk, block_v, warps = _GPU_LAUNCH[(kind, bucket, 4 if itemsize >= 4 else 2)]
+  return GpuLaunch(chunk, block_v, warps, block_k_fwd=key_dim if key_dim <= 128 else 64,
+                   block_k_bwd=min(key_dim, 64))
 
 
 linear_attention_tpu = _backend("tpu")
@@ -208,8 +237,22 @@ def _tokens_last(x, st: _Static, width):
   return x[:, :, :st.spec.seq_len, :width].transpose(0, 2, 1, 3)
 
 
-def _factors(st: _Static, log_decay, segment_ids, batch):
-  """Keyword arguments of the kernels: per-token factors in the kernel's layout (or nothing)."""
+def _features_first(x, st: _Static, width):
+  """``[B, T, H, X] -> [B, H, X_pad, T_pad]`` (the GPU backward kernels' layout of q and k)."""
+  t_pad = common.round_up(x.shape[1], st.chunk)
+  return _pad_to(x.transpose(0, 2, 3, 1), (width, t_pad))
+
+
+def _features_last(x, st: _Static, width):
+  """``[B, H, X_pad, T_pad] -> [B, T, H, width]``."""
+  return x[:, :, :width, :st.spec.seq_len].transpose(0, 3, 1, 2)
+
+
+def _factors(st: _Static, log_decay, segment_ids, batch, feature_major=False):
+  """Keyword arguments of the kernels: per-token factors in the kernel's layout (or nothing).
+
+  ``feature_major``: per-channel factors as ``[B, Hs, K_pad, T_pad]`` (the GPU backward kernels).
+  """
   s = st.spec
   has_decay = s.decay != common.NONE
   if not (has_decay or s.has_segments):
@@ -219,7 +262,7 @@ def _factors(st: _Static, log_decay, segment_ids, batch):
   n = tp // c
   f = xla.chunk_factors(log_decay, segment_ids, spec=s, batch=batch, chunk=c)
   if s.decay == common.CHANNEL:
-    return _channel_factors(st, f, segment_ids, batch)
+    return _channel_factors(st, f, segment_ids, batch, feature_major)
   shape = (batch, s.num_state_heads, n, c)
   qf = jnp.broadcast_to(f.q_factor, shape).reshape(batch, s.num_state_heads, tp)
   kf = jnp.broadcast_to(f.k_factor, shape).reshape(batch, s.num_state_heads, tp)
@@ -237,7 +280,7 @@ def _factors(st: _Static, log_decay, segment_ids, batch):
   return out
 
 
-def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch):
+def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch, feature_major=False):
   """Per-channel decays: ``[B, Hs, T, K_pad]`` decay and factors and the per-chunk carry columns.
 
   The padded feature columns get zeros (their q, k, state rows are zero, so any finite value
@@ -247,8 +290,10 @@ def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch):
   hs, tp = s.num_state_heads, common.round_up(s.seq_len, st.chunk)
   n = tp // st.chunk
 
-  def tokens(x):  # [B or 1, Hs or 1, N, C, K] -> [B, Hs, T, K_pad]
+  def tokens(x):  # [B or 1, Hs or 1, N, C, K] -> [B, Hs, T, K_pad] (or [B, Hs, K_pad, T])
     x = jnp.broadcast_to(x, (batch, hs, n, st.chunk, s.key_dim)).reshape(batch, hs, tp, s.key_dim)
+    if feature_major:
+      return _pad_to(x.transpose(0, 1, 3, 2), (st.key_pad, None))
     return _pad_to(x, (st.key_pad,))
 
   carry = _pad_to(jnp.broadcast_to(f.carry, (batch, hs, n, s.key_dim)), (st.key_pad,))
@@ -256,18 +301,19 @@ def _channel_factors(st: _Static, f: xla.ChunkFactors, segment_ids, batch):
   runs = None
   if s.has_segments:
     runs = common.pad_axis(common.reset_index(segment_ids), 1, tp, mode="edge")
-  if st.platform == "gpu":
-    return dict(out, r=runs, carry=carry.reshape(batch, hs, n * st.key_pad))
+  if st.platform == "gpu":  # carry [B, Hs, K_pad, N]
+    return dict(out, r=runs, carry=carry.transpose(0, 1, 3, 2))
   out.update(carry=carry[..., None])
   if s.has_segments:
     out.update(r_col=runs[..., None], r_row=runs.reshape(batch, n, 1, st.chunk))
   return out
 
 
-def _launch_options(st: _Static):
+def _launch_options(st: _Static, backward=False):
   opts = dict(chunk=st.chunk, interpret=st.interpret)
   if st.platform == "gpu":
-    opts.update(num_warps=st.num_warps, num_stages=st.num_stages, block_v=st.block_v)
+    opts.update(num_warps=st.num_warps, num_stages=st.num_stages, block_v=st.block_v,
+                block_k=st.block_k[1 if backward else 0])
   return opts
 
 
@@ -313,16 +359,21 @@ def _linear_bwd(st: _Static, residuals, cotangents):
   # The final-state gradient enters the backward sweep of one query head per group only.
   dst = _pad_to(d_state.astype(jnp.float32), (st.key_pad, st.value_pad))
   dst = jnp.zeros((b, hs, g) + dst.shape[2:], jnp.float32).at[:, :, 0].set(dst).reshape(b, hq, *dst.shape[2:])
+  # The GPU backward kernels take q, k (and per-channel factors) feature-major and return dq, dk
+  # the same way (see pallas_kernels.linear_gpu.backward).
+  gpu = st.platform == "gpu"
+  keys_in = _features_first if gpu else _heads_first
+  keys_out = _features_last if gpu else _tokens_last
   dq, dk, dv, ds0 = _kernels(st).backward(
-      _heads_first(q, st, st.key_pad), _heads_first(k, st, st.key_pad), _heads_first(v, st, st.value_pad),
+      keys_in(q, st, st.key_pad), keys_in(k, st, st.key_pad), _heads_first(v, st, st.value_pad),
       _initial_state(st, s0, b), _heads_first(d_out, st, st.value_pad), dst,
-      **_factors(st, log_decay, segment_ids, b), **_launch_options(st))
+      **_factors(st, log_decay, segment_ids, b, feature_major=gpu), **_launch_options(st, backward=True))
 
   def group_sum(x):  # [B, Hq, ...] -> [B, Hs, ...]
     return x.reshape((b, hs, g) + x.shape[2:]).sum(axis=2)
 
-  dq = _tokens_last(dq, st, s.key_dim).astype(jnp.float32)
-  dk = _tokens_last(group_sum(dk), st, s.key_dim)
+  dq = keys_out(dq, st, s.key_dim).astype(jnp.float32)
+  dk = keys_out(group_sum(dk), st, s.key_dim)
   dv = _tokens_last(group_sum(dv), st, s.value_dim)
   ds0 = group_sum(ds0)[:, :, :s.key_dim, :s.value_dim] if s0 is not None else None
   d_decay = None

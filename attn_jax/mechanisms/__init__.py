@@ -1,5 +1,33 @@
 """The literature's named attention mechanisms, built on the attn_jax primitives (no flax)."""
 
+from attn_jax.mechanisms.block_topk import block_scores
+from attn_jax.mechanisms.block_topk import topk_block_attention
+from attn_jax.mechanisms.block_topk import topk_block_attention_reference
+from attn_jax.mechanisms.block_topk import topk_block_mask
+from attn_jax.mechanisms.core_context import CoreContextMask
+from attn_jax.mechanisms.core_context import core_context_attention
+from attn_jax.mechanisms.core_context import core_context_attention_reference
+from attn_jax.mechanisms.core_context import core_tokens
+from attn_jax.mechanisms.dhsa import chunk_similarity
+from attn_jax.mechanisms.dhsa import dhsa_attention
+from attn_jax.mechanisms.dhsa import dhsa_attention_reference
+from attn_jax.mechanisms.dynamic_mask import dynamic_mask_attention
+from attn_jax.mechanisms.dynamic_mask import dynamic_mask_attention_reference
+from attn_jax.mechanisms.dynamic_mask import dynamic_mask_bias
+from attn_jax.mechanisms.dynamic_mask import dynamic_mask_block_mask
+from attn_jax.mechanisms.hyper import hyper_attention
+from attn_jax.mechanisms.hyper import hyper_attention_reference
+from attn_jax.mechanisms.hyper import lsh_codes
+from attn_jax.mechanisms.landmark import landmark_attention
+from attn_jax.mechanisms.landmark import landmark_attention_reference
+from attn_jax.mechanisms.recycled import recycled_attention
+from attn_jax.mechanisms.recycled import recycled_attention_reference
+from attn_jax.mechanisms.routing import routing_attention
+from attn_jax.mechanisms.routing import routing_attention_reference
+from attn_jax.mechanisms.routing import routing_update_centroids
+from attn_jax.mechanisms.superlinear import superlinear_attention
+from attn_jax.mechanisms.superlinear import superlinear_attention_reference
+
 from attn_jax.mechanisms.linear import aaren
 from attn_jax.mechanisms.linear import aaren_init_state
 from attn_jax.mechanisms.linear import aaren_step
@@ -7,6 +35,8 @@ from attn_jax.mechanisms.linear import based_linear_attention
 from attn_jax.mechanisms.linear import jrt_prefix_linear_attention
 from attn_jax.mechanisms.linear import jrt_prefix_state
 from attn_jax.mechanisms.linear import lightnet_attention
+from attn_jax.mechanisms.linear import lightnet_init_state
+from attn_jax.mechanisms.linear import lightnet_step
 from attn_jax.mechanisms.linear import lightning_attention
 from attn_jax.mechanisms.linear import lightning_slopes
 from attn_jax.mechanisms.linear import retention
@@ -51,6 +81,8 @@ __all__ = [
     "jrt_prefix_linear_attention",
     "jrt_prefix_state",
     "lightnet_attention",
+    "lightnet_init_state",
+    "lightnet_step",
     "lightning_attention",
     "lightning_slopes",
     "retention",
@@ -67,4 +99,15 @@ __all__ += [
     "selective_temperature", "MemorySpec", "MemoryState", "init_memory", "init_memory_state", "memory_readout",
     "neural_memory", "neural_memory_step", "TitansConfig", "init_titans", "mac_mask", "titans_block", "titans_mac",
     "titans_mag", "titans_mal",
+]
+
+# Content-dependent sparse attention of issue 14.
+__all__ += [
+    "block_scores", "topk_block_attention", "topk_block_attention_reference", "topk_block_mask",
+    "CoreContextMask", "core_context_attention", "core_context_attention_reference", "core_tokens",
+    "chunk_similarity", "dhsa_attention", "dhsa_attention_reference", "dynamic_mask_attention",
+    "dynamic_mask_attention_reference", "dynamic_mask_bias", "dynamic_mask_block_mask", "hyper_attention",
+    "hyper_attention_reference", "lsh_codes", "landmark_attention", "landmark_attention_reference",
+    "recycled_attention", "recycled_attention_reference", "routing_attention", "routing_attention_reference",
+    "routing_update_centroids", "superlinear_attention", "superlinear_attention_reference",
 ]

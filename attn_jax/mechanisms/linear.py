@@ -113,19 +113,37 @@ def sliding_window_attention(q, k, v, window: int, *, implementation=None):
   return softmax_api.attention(q, k, v, mask=masks.sliding_window(window - 1), implementation=implementation)
 
 
-def short_conv(x, kernel, *, bias=None):
+def short_conv(x, kernel, *, bias=None, history=None, segment_ids=None):
   """Causal depthwise 1-D convolution along the sequence: ``y_t = sum_i kernel[i] * x_{t - W + 1 + i}``.
 
   Args:
     x: ``[B, T, C]``.
     kernel: ``[W, C]`` (one filter of width ``W`` per channel; the last tap multiplies ``x_t``).
     bias: ``[C]`` or None.
+    history: ``[B, W - 1, C]``, the inputs before ``x_0`` (decoding), or None for zeros.
+    segment_ids: ``[B, T]`` document ids of packed sequences: a tap never reads an input of
+      another document (``history`` belongs to the first one).
   """
   if x.ndim != 3 or kernel.ndim != 2 or kernel.shape[1] != x.shape[2]:
     raise ValueError(f"short_conv expects x [B, T, C] and kernel [W, C], got {_shape(x)} and {_shape(kernel)}")
-  w = kernel.shape[0]
-  xp = jnp.pad(x, ((0, 0), (w - 1, 0), (0, 0)))
-  y = sum(xp[:, i:i + x.shape[1]] * kernel[i].astype(x.dtype) for i in range(w))
+  w, t = kernel.shape[0], x.shape[1]
+  if history is None:
+    xp = jnp.pad(x, ((0, 0), (w - 1, 0), (0, 0)))
+  else:
+    if _shape(history) != (x.shape[0], w - 1, x.shape[2]):
+      raise ValueError(f"history must have shape [B, W - 1, C] = {(x.shape[0], w - 1, x.shape[2])}, "
+                       f"got {_shape(history)}")
+    xp = jnp.concatenate([history.astype(x.dtype), x], axis=1)
+  y = jnp.zeros_like(x)
+  for i in range(w):
+    shift = w - 1 - i  # tap i reads x_{t - shift}
+    term = xp[:, i:i + t] * kernel[i].astype(x.dtype)
+    if segment_ids is not None and shift:
+      # The history belongs to the first document (edge padding); zero padding is masked off
+      # anyway, so either way a tap reads only its own document.
+      prev = jnp.pad(segment_ids, ((0, 0), (shift, 0)), mode="edge")[:, :t]
+      term = jnp.where((prev == segment_ids)[..., None], term, 0)
+    y = y + term
   return y if bias is None else y + bias.astype(x.dtype)
 
 
@@ -199,7 +217,8 @@ def retention(q, k, v, gammas=None, *, initial_state=None, return_final_state=Fa
       implementation=implementation)
 
 
-def lightnet_attention(q, k, v, *, causal=True, chunk_size=None, implementation=None):
+def lightnet_attention(q, k, v, *, causal=True, chunk_size=None, implementation=None,
+                       return_final_state=False):
   """LightNet's additive linear recurrence ("You Only Scan Once").
 
   Each key channel is normalised by a softmax over the tokens read so far:
@@ -213,6 +232,8 @@ def lightnet_attention(q, k, v, *, causal=True, chunk_size=None, implementation=
   Args:
     q, k, v: ``[B, *spatial, H, D]`` (``[B, T, H, D]`` when causal), ``v [..., H, Dv]``; q and
       k have the same heads.
+    return_final_state: (causal only) also return ``(S [B, H, D, Dv] float32, Z [B, H, D]
+      float32)``, the state after the last token, for :func:`lightnet_step`.
   """
   if not isinstance(causal, bool):
     raise ValueError(f"causal must be a bool, got {causal!r}")
@@ -221,6 +242,8 @@ def lightnet_attention(q, k, v, *, causal=True, chunk_size=None, implementation=
                      f"[B, *spatial, H, Dv], got {_shape(q)}, {_shape(k)}, {_shape(v)}")
   if causal and q.ndim != 4:
     raise ValueError(f"causal lightnet_attention needs [B, T, H, D] inputs, got {_shape(q)}")
+  if return_final_state and not causal:
+    raise ValueError("return_final_state needs causal=True (the non-causal form has no recurrence)")
   spatial = q.shape[1:-2]
   flat = lambda x: x.reshape((x.shape[0], -1) + x.shape[-2:])
   q, k, v = flat(q), flat(k), flat(v)
@@ -233,12 +256,37 @@ def lightnet_attention(q, k, v, *, causal=True, chunk_size=None, implementation=
     # decay is an error for linear_attention). The first token's value is irrelevant.
     log_decay = linear_api.clamp_log_decay(prev - z)
     o = linear_api.linear_attention(q, keys.astype(q.dtype), v, log_decay=log_decay, chunk_size=chunk_size,
-                                    implementation=implementation)
+                                    implementation=implementation, return_final_state=return_final_state)
+    if return_final_state:
+      o, state = o
+      return o, (state, z[:, -1])
   else:
     z = jax.nn.logsumexp(kf, axis=1, keepdims=True)
     keys = jnp.exp(kf - z)
     o = linear_api.linear_attention(q, keys.astype(q.dtype), v, causal=False, implementation=implementation)
   return o.reshape((o.shape[0],) + spatial + o.shape[-2:])
+
+
+def lightnet_step(state, q_t, k_t, v_t):
+  """One causal LightNet decoding step: ``((S, Z), q_t [B, H, D], k_t, v_t [B, H, Dv]) -> ((S, Z), o_t)``.
+
+  ``Z`` is the running per-channel log-sum-exp of the keys (``-inf`` before the first token);
+  ``S <- exp(Z_old - Z) S + exp(k_t - Z) v_t^T`` and ``o_t = q_t^T S``, the recurrence that
+  :func:`lightnet_attention` runs in chunked form.
+  """
+  s, z = state
+  kf = k_t.astype(jnp.float32)
+  z_new = jnp.logaddexp(z, kf)
+  keys = jnp.exp(kf - z_new).astype(q_t.dtype)
+  # Z_old = -inf before the first token gives a decay of exp(-inf) = 0 on the empty state.
+  s, o = linear_api.linear_attention_step(s, q_t, keys, v_t, z - z_new)
+  return (s, z_new), o
+
+
+def lightnet_init_state(batch: int, num_heads: int, key_dim: int, value_dim: int):
+  """Empty LightNet decoding state ``(S [B, H, D, Dv] = 0, Z [B, H, D] = -inf)``."""
+  return (jnp.zeros((batch, num_heads, key_dim, value_dim), jnp.float32),
+          jnp.full((batch, num_heads, key_dim), -jnp.inf, jnp.float32))
 
 
 def _aaren_combine(a, b):
@@ -250,7 +298,7 @@ def _aaren_combine(a, b):
   return m, ua * ea + ub * eb, wa * ea[..., None] + wb * eb[..., None]
 
 
-def aaren(query, k, v, *, scale=None):
+def aaren(query, k, v, *, scale=None, return_final_state=False):
   """Aaren ("Attention as an RNN"): exact causal softmax attention of one learned query per head.
 
   ``o_t = sum_{j <= t} softmax_j(s_j) v_j`` with ``s_j = scale * query_h . k_j``, computed as an
@@ -261,9 +309,11 @@ def aaren(query, k, v, *, scale=None):
   Args:
     query: ``[H, D]`` learned queries; k: ``[B, T, H, D]``; v: ``[B, T, H, Dv]``.
     scale: logit scale (default ``D^-1/2``).
+    return_final_state: also return the state ``(m, u, w)`` after the last token, for
+      :func:`aaren_step`.
 
   Returns:
-    ``[B, T, H, Dv]`` in the dtype of ``v``.
+    ``[B, T, H, Dv]`` in the dtype of ``v`` (and the state).
   """
   if query.ndim != 2 or k.ndim != 4 or v.ndim != 4 or k.shape[2:] != query.shape or v.shape[:3] != k.shape[:3]:
     raise ValueError(f"aaren expects query [H, D], k [B, T, H, D], v [B, T, H, Dv], got {_shape(query)}, "
@@ -272,7 +322,8 @@ def aaren(query, k, v, *, scale=None):
   s = jnp.einsum("bthd,hd->bth", k.astype(jnp.float32), query.astype(jnp.float32),
                  precision=lax.Precision.HIGHEST) * scale
   m, u, w = lax.associative_scan(_aaren_combine, (s, jnp.ones_like(s), v.astype(jnp.float32)), axis=1)
-  return (w / u[..., None]).astype(v.dtype)
+  o = (w / u[..., None]).astype(v.dtype)
+  return (o, (m[:, -1], u[:, -1], w[:, -1])) if return_final_state else o
 
 
 def aaren_init_state(batch: int, num_heads: int, value_dim: int):

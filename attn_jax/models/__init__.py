@@ -1,8 +1,8 @@
 """Model zoo (imports flax): decoder-only LM, ViT, encoder-decoder; generation and training.
 
-Every model takes its token mixers from :class:`attn_jax.layers.AttentionConfig` values, so the
-attention mechanism is a config choice. Model code uses logical axis names only; see
-:mod:`attn_jax.sharding` for the mapping to a device mesh.
+Every model takes its token mixers as typed configs of the mixer registry
+(:func:`attn_jax.layers.mixer_config`), so the mechanism is a config choice. Model code uses
+logical axis names only; see :mod:`attn_jax.sharding` for the mapping to a device mesh.
 """
 
 from attn_jax.models import encdec

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from attn_jax import block_mask_traced
 from attn_jax import dispatch
 from attn_jax import masks as masks_lib
 from attn_jax.context_parallel import config as cp_config
@@ -67,6 +68,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
               return_lse: bool = False,
               config: xla.XlaConfig | pallas.PallasTpuConfig | pallas.PallasGpuConfig | None = None,
               context_parallel: cp_config.ContextParallel | None = None,
+              block_mask: block_mask_traced.TracedBlockMask | None = None,
               ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Softmax attention ``softmax(scale * q k^T + mask) v`` in the ``[batch, seq, heads, dim]`` layout.
 
@@ -100,6 +102,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
       shard by ring or all-gather (see :mod:`attn_jax.context_parallel.softmax`); each device
       runs the chosen backend on its local tiles. ``q_len`` and ``kv_len`` must be divisible by
       the axis size (times 2 with zig-zag load balancing). None: no sequence sharding.
+    block_mask: a :class:`attn_jax.TracedBlockMask` built inside ``jit`` from data (see
+      :mod:`attn_jax.block_mask_traced`): query ``i`` sees key ``j`` only if its query block
+      selected ``j``'s key block, in addition to the mask (which is the block mask's static
+      mask; ``mask`` may be omitted or must equal it). Its blocks are the backends' tiles.
+      Served by the reference, xla and pallas_gpu backends, forward and backward; new data
+      never recompiles.
 
   Returns:
     ``out [B, Tq, Hq, Dv]`` in the dtype of ``q``; with ``return_lse``, also
@@ -127,6 +135,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
   if hq % hkv:
     raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA/MQA")
 
+  if block_mask is not None:
+    if not isinstance(block_mask, block_mask_traced.TracedBlockMask):
+      raise ValueError(f"block_mask must be an attn_jax.TracedBlockMask or None, got {type(block_mask).__name__}")
+    if mask is not None and mask != block_mask.mask:
+      raise ValueError(f"mask {mask!r} differs from block_mask's static mask {block_mask.mask!r}: expected the "
+                       f"same mask or None")
+    block_mask.check_compatible(b, tq, tk, hq, hkv)
+    mask = block_mask.mask
   if mask is None:
     mask = masks_lib.full()
   elif not isinstance(mask, masks_lib.Mask):
@@ -164,15 +180,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
   spec = common.Spec(
       mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, q_len=tq, kv_len=tk,
       num_q_heads=hq, num_kv_heads=hkv, head_dim=d, v_head_dim=v.shape[3],
-      has_sinks=sinks is not None, has_segments=q_segment_ids is not None, return_lse=bool(return_lse))
+      has_sinks=sinks is not None, has_segments=q_segment_ids is not None, return_lse=bool(return_lse),
+      traced_layout=None if block_mask is None else block_mask.layout)
   if context_parallel is not None:
     if not isinstance(context_parallel, cp_config.ContextParallel):
       raise ValueError(f"context_parallel must be an attn_jax.ContextParallel or None, got "
                        f"{type(context_parallel).__name__}")
+    if block_mask is not None:
+      raise NotImplementedError("a traced block_mask with context_parallel (its lists are not sharded along "
+                                "the sequence yet)")
     out, lse = cp_softmax.attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, spec=spec,
                                     cp=context_parallel, implementation=implementation, config=config)
   else:
+    # The traced BlockMask travels with the arrays (dispatch's keyword arguments are static).
     out, lse = dispatch.dispatch(FAMILY, implementation, q, k, v, sinks, q_segment_ids,
-                                 kv_segment_ids, spec=spec, config=config)
+                                 kv_segment_ids, block_mask, spec=spec, config=config)
   return (out, lse) if return_lse else out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +33,9 @@ class Spec:
   has_segments: bool
   # Whether the caller asked for the log-sum-exp; backends that cannot produce it (cudnn) refuse.
   return_lse: bool = False
+  # The static part of a traced BlockMask (block_mask=), or None: the block lists then travel as
+  # arrays in the backend's ``block_mask`` argument.
+  traced_layout: Any = None
 
   @property
   def group_size(self) -> int:
@@ -59,3 +63,22 @@ def soft_cap(logits, cap):
   if cap is None:
     return logits
   return cap * jnp.tanh(logits / cap)
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+  """``x`` padded with ``value`` at the end of ``axis`` to length ``size``."""
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def soft_cap_with_tanh(raw, cap):
+  """``(cap * tanh(raw / cap), tanh(raw / cap))`` (the tanh is kept for the VJP); ``(raw, None)``
+  when cap is None."""
+  if cap is None:
+    return raw, None
+  th = jnp.tanh(raw / cap)
+  return cap * th, th

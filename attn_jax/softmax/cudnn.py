@@ -309,13 +309,15 @@ def _check_sequence_unsharded() -> None:
                               f"(jax's cuDNN partitioning takes batch and head sharding only)")
 
 
-def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec,
+def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, block_mask=None, *, spec: common.Spec,
               config: CudnnConfig | None = None):
   """The ``cudnn`` backend of :func:`attn_jax.attention` (see the module docstring).
 
   Returns ``(out [B, Tq, Hq, D], None)``: the log-sum-exp is refused in :func:`plan`.
   """
   del sinks, q_segment_ids, kv_segment_ids  # plan() refuses calls that have them.
+  if block_mask is not None:
+    raise NotImplementedError("a traced block_mask (cuDNN takes no per-row block lists)")
   if config is not None and not isinstance(config, CudnnConfig):
     raise ValueError(f"config must be a CudnnConfig for the cudnn backend, got {type(config).__name__}")
   plan_ = plan(spec, config)

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from attn_jax import block_mask as block_mask_lib
+from attn_jax import block_mask_traced
 from attn_jax import dispatch
 from attn_jax import sharding as sharding_lib
 from attn_jax.softmax import common
@@ -416,6 +417,34 @@ def _gpu_schedules(st: _Static, mask, head_offset, local_q_heads: int, which=(Fa
   return out
 
 
+def _traced_plan(st: _Static, lists):
+  """``(MaskSpec, row Lists, column Lists)`` of a traced BlockMask: its device lists, one row per
+  (batch, list head) (see ``flash_gpu._walk`` for their layout)."""
+  s = st.spec
+  static = s.traced_layout.static_block_mask
+  has_partial = static.num_partial > 0
+  predicate = None
+  if has_partial:
+    ctx = s.mask_context
+
+    def predicate(q_idx, kv_idx, head):
+      return s.mask.evaluate(q_idx, kv_idx, None, ctx, jnp) & (kv_idx < s.kv_len)
+  kv_indices, kv_kinds, kv_counts, q_offsets, q_indices, q_kinds = lists
+  bm, hm, nq, w = kv_indices.shape
+  rows = bm * hm
+  mask = flash_common.MaskSpec(predicate=predicate, use_tiles=False, per_head=hm > 1,
+                               has_full=static.num_full > 0, has_partial=has_partial,
+                               head_group=s.num_q_heads // hm, per_batch=bm > 1, list_heads=hm,
+                               csr_transposed=True)
+  unused = jnp.zeros((1,), jnp.int32)
+  # One list row per (batch, list head); the kernels read them through MaskSpec.list_row.
+  rows_lists = flash_common.Lists(unused, kv_counts.reshape(rows, nq), kv_indices.reshape(rows, nq, w),
+                                  kv_kinds.reshape(rows, nq, w), unused)
+  cols_lists = flash_common.Lists(unused, q_offsets.reshape(rows, -1), q_indices.reshape(rows, nq * w),
+                                  q_kinds.reshape(rows, nq * w), unused)
+  return mask, rows_lists, cols_lists
+
+
 def _pad_to(x, axis, size, value=0):
   if x is None or x.shape[axis] == size:
     return x
@@ -452,8 +481,8 @@ def _padded(st: _Static, q, k, v, q_seg, kv_seg):
   return q, k, v, q_seg, kv_seg
 
 
-def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset):
-  mask = _mask_spec(st)
+def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset, lists):
+  mask = _mask_spec(st) if lists is None else _traced_plan(st, lists)[0]
   tq = q.shape[1]
   qp, kp, vp, qs, ks = _padded(st, q, k, v, q_seg, kv_seg)
   sinks32 = None if sinks is None else sinks.astype(jnp.float32)
@@ -463,26 +492,29 @@ def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset):
     o, lse = flash_tpu.flash_fwd(qp, kp, vp, sinks32, qs, ks, head_offset, row_sched, tiles,
                                  layout=rows.layout, capacity=rows.capacity, **_kernel_kwargs(st, mask))
   else:
-    (row_lists,) = _gpu_schedules(st, mask, head_offset, q.shape[2], (False,))
+    if lists is None:
+      (row_lists,) = _gpu_schedules(st, mask, head_offset, q.shape[2], (False,))
+    else:
+      row_lists = _traced_plan(st, lists)[1]
     o, lse = flash_gpu.flash_fwd(qp, kp, vp, sinks32, qs, ks, head_offset, row_lists, tiles,
                                  **_kernel_kwargs(st, mask))
   return o[:, :tq, :, :v.shape[3]], lse[:, :tq]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset):
-  return _forward(st, q, k, v, sinks, q_seg, kv_seg, head_offset)
+def _flash(st: _Static, q, k, v, sinks, q_seg, kv_seg, head_offset, lists):
+  return _forward(st, q, k, v, sinks, q_seg, kv_seg, head_offset, lists)
 
 
-def _flash_fwd(st, q, k, v, sinks, q_seg, kv_seg, head_offset):
-  out, lse = _forward(st, q, k, v, sinks, q_seg, kv_seg, head_offset)
-  return (out, lse), (q, k, v, sinks, q_seg, kv_seg, head_offset, out, lse)
+def _flash_fwd(st, q, k, v, sinks, q_seg, kv_seg, head_offset, lists):
+  out, lse = _forward(st, q, k, v, sinks, q_seg, kv_seg, head_offset, lists)
+  return (out, lse), (q, k, v, sinks, q_seg, kv_seg, head_offset, lists, out, lse)
 
 
-def _bwd_inputs(st: _Static, q, k, v, q_seg, kv_seg, head_offset, lse, d_out, delta):
+def _bwd_inputs(st: _Static, q, k, v, q_seg, kv_seg, head_offset, lists, lse, d_out, delta):
   """The backward kernels' inputs padded to the blocks of ``st``: ``(q, k, v, q_seg, kv_seg, lse,
   do, delta)``."""
-  del head_offset
+  del head_offset, lists
   qp, kp, vp, qs, ks = _padded(st, q, k, v, q_seg, kv_seg)
   tq_pad = qp.shape[1]
   _, dv = _head_dims(st)
@@ -494,19 +526,25 @@ def _bwd_inputs(st: _Static, q, k, v, q_seg, kv_seg, head_offset, lse, d_out, de
   return qp, kp, vp, qs, ks, lse_b, do, delta
 
 
-def _gpu_bwd_pass(st: _Static, kernel: str, q, k, v, q_seg, kv_seg, head_offset, lse, d_out, delta):
-  """Runs the GPU backward kernel ``kernel`` ("dq" or "dkv") on its own blocks and BlockMask."""
-  mask = _mask_spec(st)
-  qp, kp, vp, qs, ks, lse_b, do, delta = _bwd_inputs(st, q, k, v, q_seg, kv_seg, head_offset, lse,
-                                                     d_out, delta)
+def _gpu_bwd_pass(st: _Static, kernel: str, q, k, v, q_seg, kv_seg, head_offset, lists, lse, d_out,
+                  delta):
+  """Runs the GPU backward kernel ``kernel`` ("dq" or "dkv") on its own blocks and BlockMask (or
+  on the traced BlockMask's ``lists``)."""
+  qp, kp, vp, qs, ks, lse_b, do, delta = _bwd_inputs(st, q, k, v, q_seg, kv_seg, head_offset, lists,
+                                                     lse, d_out, delta)
+  if lists is None:
+    mask = _mask_spec(st)
+    (lists,) = _gpu_schedules(st, mask, head_offset, q.shape[2], (kernel == "dkv",))
+  else:
+    mask, rows_lists, cols_lists = _traced_plan(st, lists)
+    lists = cols_lists if kernel == "dkv" else rows_lists
   tiles = jnp.asarray(_tile_ids(st, mask)[0])
-  (lists,) = _gpu_schedules(st, mask, head_offset, q.shape[2], (kernel == "dkv",))
   fn = flash_gpu.flash_dq if kernel == "dq" else flash_gpu.flash_dkv
   return fn(qp, kp, vp, qs, ks, head_offset, lists, tiles, lse_b, do, delta, **_kernel_kwargs(st, mask))
 
 
 def _flash_bwd(st: _Static, residuals, cotangents):
-  q, k, v, sinks, q_seg, kv_seg, head_offset, out, lse = residuals
+  q, k, v, sinks, q_seg, kv_seg, head_offset, lists, out, lse = residuals
   d_out, d_lse = cotangents
   # delta_i = dO_i . O_i - dLSE_i (see the xla backend for the derivation).
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
@@ -514,7 +552,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
   if sinks is not None:
     p_sink = jnp.exp(sinks.astype(jnp.float32)[None, None, :] - lse)
     d_sinks = (-(p_sink * delta).sum((0, 1))).astype(sinks.dtype)
-  args = (q, k, v, q_seg, kv_seg, head_offset, lse, d_out, delta)
+  args = (q, k, v, q_seg, kv_seg, head_offset, lists, lse, d_out, delta)
   if st.platform == "gpu":
     # The GPU's dQ and dK/dV kernels run with their own blocks, each on its own BlockMask.
     dq = _gpu_bwd_pass(_gpu_pass(st, "dq"), "dq", *args)
@@ -532,7 +570,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
   dq = dq[:, :tq, :, :q.shape[3]]
   dk = dk[:, :tk, :, :k.shape[3]]
   dv_ = dv_[:, :tk, :, :v.shape[3]]
-  return dq, dk, dv_, d_sinks, None, None, None
+  return dq, dk, dv_, d_sinks, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -579,7 +617,7 @@ def _sharded(st: _Static, lay: _ShardLayout, q, k, v, sinks, q_seg, kv_seg):
       kv_head = (shard * lay.local_q_heads) // s.group_size
       k = jax.lax.dynamic_slice_in_dim(k, kv_head, 1, axis=2)
       v = jax.lax.dynamic_slice_in_dim(v, kv_head, 1, axis=2)
-    return _flash(st, q, k, v, sinks, q_seg, kv_seg, head_offset)
+    return _flash(st, q, k, v, sinks, q_seg, kv_seg, head_offset, None)
 
   in_specs = (q_spec, kv_spec, kv_spec, None if sinks is None else sink_spec,
               None if q_seg is None else seg_spec, None if kv_seg is None else seg_spec)
@@ -590,12 +628,30 @@ def _sharded(st: _Static, lay: _ShardLayout, q, k, v, sinks, q_seg, kv_seg):
   return fn(*args)
 
 
+def _traced_blocks(config: PallasGpuConfig, spec: common.Spec, block_mask):
+  """Tile sizes for a traced BlockMask: its own blocks, which Triton needs as powers of two >= 16."""
+  lay = block_mask.layout
+  for launch in [config] + [getattr(config, kernel) for kernel in _GPU_KERNELS if getattr(config, kernel)]:
+    block_mask_traced.check_tile_config("PallasGpuConfig", launch, lay)
+  for name, want in (("block_q", lay.block_q), ("block_kv", lay.block_kv)):
+    if want < 16 or want & (want - 1):
+      raise NotImplementedError(f"traced block_mask {name}={want} (Triton tiles are powers of two >= 16)")
+  if lay.static_block_mask.num_partial and not spec.mask.in_kernel:
+    raise NotImplementedError(f"a traced block_mask over the mask {spec.mask!r}, which kernels cannot "
+                              f"evaluate in-kernel")
+  return lay.block_q, lay.block_kv
+
+
 def _attention(platform: str, config_type):
-  def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, config=None):
+  def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, block_mask=None, *, spec: common.Spec,
+                config=None):
     config = config if config is not None else config_type()
     if not isinstance(config, config_type):
       raise ValueError(f"config must be a {config_type.__name__} for implementation="
                        f"'pallas_{platform}', got {type(config).__name__}")
+    if block_mask is not None and platform == "tpu":
+      # The TPU kernels' schedule format is being rewritten (issue 11); traced lists join it then.
+      raise NotImplementedError("a traced block_mask on the TPU kernel (issue 14, stage 2)")
     interpret = dispatch.pallas_interpret(config.interpret, platform)
     if config.record_visits is not None and not interpret:
       raise ValueError("record_visits is a debugging aid for interpret mode only")
@@ -603,7 +659,8 @@ def _attention(platform: str, config_type):
       # Mosaic rejects float16 vectors on TPU v4 ("Invalid vector type for load"); TPUs have no
       # float16 arithmetic anyway, so the kernels run on float32 copies.
       f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-      out, lse = attention(*f32, sinks, q_segment_ids, kv_segment_ids, spec=spec, config=config)
+      out, lse = attention(*f32, sinks, q_segment_ids, kv_segment_ids, spec=spec, config=config,
+                           block_mask=block_mask)
       return out.astype(q.dtype), lse
     lay = None if config.sharding is None else _shard_layout(config.sharding, spec, q.shape[0])
     if platform == "tpu":
@@ -619,10 +676,23 @@ def _attention(platform: str, config_type):
       bq, bk, warps, stages = launches["fwd"]
       st = _Static(platform, spec, bq, bk, bool(interpret), config.record_visits, num_warps=warps,
                    num_stages=stages, gpu_bwd=(launches["dq"], launches["dkv"]))
-    dispatch.note("block_mask", st.block_mask)
+    lists = None
+    if block_mask is not None:
+      # The lists index the mask's blocks: every kernel tiles with them (launch parameters stay).
+      bq, bk = _traced_blocks(config, spec, block_mask)
+      st = dataclasses.replace(st, block_q=bq, block_kv=bk,
+                               gpu_bwd=tuple((bq, bk) + launch[2:] for launch in st.gpu_bwd))
+      lists = (block_mask.kv_indices, block_mask.kv_kinds, block_mask.kv_counts, block_mask.q_offsets,
+               block_mask.q_indices, block_mask.q_kinds)
+    if block_mask is None:
+      dispatch.note("block_mask", st.block_mask)
+    else:
+      dispatch.note("traced_block_mask", block_mask)
     if lay is not None:
+      if block_mask is not None:
+        raise NotImplementedError("a traced block_mask under config.sharding (its lists are not sharded yet)")
       return _sharded(st, lay, q, k, v, sinks, q_segment_ids, kv_segment_ids)
-    return _flash(st, q, k, v, sinks, q_segment_ids, kv_segment_ids, jnp.zeros((1,), jnp.int32))
+    return _flash(st, q, k, v, sinks, q_segment_ids, kv_segment_ids, jnp.zeros((1,), jnp.int32), lists)
   return attention
 
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attn_jax import block_mask_traced
 from attn_jax.softmax import common
 
 
-def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, config=None):
+def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, block_mask=None, *, spec: common.Spec,
+              config=None):
   """Reference attention.
 
   Args:
     q: ``[B, Tq, Hq, D]``; k: ``[B, Tk, Hkv, D]``; v: ``[B, Tk, Hkv, Dv]``.
     sinks: ``[Hq]`` or None. q_segment_ids / kv_segment_ids: ``[B, Tq]`` / ``[B, Tk]`` or None.
+    block_mask: a :class:`attn_jax.block_mask_traced.TracedBlockMask` or None; its selection is
+      materialised token by token.
 
   Returns:
     ``(out [B, Tq, Hq, Dv] in q.dtype, lse [B, Tq, Hq] float32)``. ``lse`` includes the sink
@@ -41,6 +45,9 @@ def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spe
   if spec.has_segments:
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, Tq, Tk]
     visible = visible & same[:, None, None]
+  if block_mask is not None:
+    selected = block_mask_traced.expand_heads(block_mask.token_visibility(), 1, hq, hkv)
+    visible = visible & selected  # [Bm, Hkv|1, G|1, Tq, Tk]
   visible = jnp.broadcast_to(visible, s.shape)
 
   # Masking before exp (not after) matters for the gradient: a masked logit far above the row

@@ -26,6 +26,7 @@ from jax import lax
 from attn_jax import block_mask as block_mask_lib
 from attn_jax import dispatch
 from attn_jax.softmax import common
+from attn_jax.softmax import xla_sparse
 
 _DEFAULT_BLOCK = 512
 
@@ -77,24 +78,23 @@ class _Static:
     return bm.union_over_heads()
 
 
-def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, *, spec: common.Spec, config=None):
+def attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, block_mask=None, *, spec: common.Spec,
+              config=None):
   """xla backend: same contract as :func:`attn_jax.softmax.reference.attention`."""
   config = config or XlaConfig()
   if not isinstance(config, XlaConfig):
     raise ValueError(f"config must be an XlaConfig for implementation='xla', got {type(config).__name__}")
+  if block_mask is not None:
+    # A traced BlockMask has lists per (batch, head group): the gather form serves it.
+    return xla_sparse.attention(q, k, v, sinks, q_segment_ids, kv_segment_ids, spec=spec,
+                                block_mask=block_mask, config=config)
   static = _Static(spec, _block(config.block_q, spec.q_len), _block(config.block_kv, spec.kv_len),
                    config.record_visits)
   dispatch.note("block_mask", static.block_mask)
   return _flash(static, q, k, v, sinks, q_segment_ids, kv_segment_ids)
 
 
-def _pad_axis(x, axis, size, value=0):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
+_pad_axis = common.pad_axis
 
 
 def _queries_internal(x, st: _Static):
@@ -175,11 +175,7 @@ def _tile_visibility(st: _Static, bm, kind, i, j, q_seg_tile, kv_seg_tile, phase
 def _scores(qb, kb, st: _Static):
   """Scaled (and soft-capped) logits ``[B, Hkv, G, bq, bk]`` in float32, plus tanh for the VJP."""
   raw = jnp.einsum("bhgqd,bhkd->bhgqk", qb, kb, preferred_element_type=jnp.float32) * st.spec.scale
-  cap = st.spec.logits_soft_cap
-  if cap is None:
-    return raw, None
-  th = jnp.tanh(raw / cap)
-  return cap * th, th
+  return common.soft_cap_with_tanh(raw, st.spec.logits_soft_cap)
 
 
 def _lists(ptr, idx, kinds):

@@ -3,10 +3,17 @@
 Every field can be overridden on the command line, e.g.::
 
     python -m experiments.train --config=experiments/configs/mqar.py --workdir=/tmp/run \\
-        --config.model.dim=128 --config.model.mechanism=sliding_window --config.num_train_steps=2000
+        --config.model.dim=128 --config.model.mixer=softmax \\
+        --config.model.mixer_fields.softmax.window=16 --config.num_train_steps=2000
+
+``config.model.mixer`` names a mechanism of the mixer registry (``python -m experiments.benchmark
+--list``), or several joined by commas for a hybrid cycled over the layers; each mechanism's own
+fields live under ``config.model.mixer_fields.<name>`` (see :mod:`experiments.builders`).
 """
 
 import ml_collections
+
+from experiments import builders
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -24,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.kind = "lm"               # lm | vit
-  c.model.mechanism = "softmax"     # experiments.mechanisms registry name
+  c.model.mixer = "softmax"         # mixer registry name(s): "based", "short_conv,softmax", ...
+  c.model.mixer_fields = builders.mixer_fields_config()  # <name>.<field>: None = the mixer's default
   c.model.dim = 64
   c.model.num_layers = 2
   c.model.mlp_dim = 128
@@ -32,8 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 0          # 0: = num_heads
   c.model.head_dim = 0              # 0: dim // num_heads
   c.model.rope = -1                 # -1: 1-D RoPE for LMs, 2-D for ViTs; 0: none
-  c.model.window = 0                # 0: the mechanism's own window
-  c.model.implementation = ""       # attention backend; "": the platform's default
+  c.model.implementation = ""       # the mixers' backend; "": the platform's default
   c.model.patch_size = 4            # ViT only
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"

@@ -14,7 +14,8 @@ PNG decoding: an estimate, not a measurement)::
 Neighborhood attention instead of dense (kernel 4x4 on the 8x8 grid)::
 
     python -m experiments.train --config=experiments/configs/cifar10_vit.py \\
-        --workdir=$WORKDIR/cifar10_nat --config.data.data_dir=$DATA --config.model.mechanism=neighborhood
+        --workdir=$WORKDIR/cifar10_nat --config.data.data_dir=$DATA --config.model.mixer=neighborhood \\
+        --config.model.mixer_fields.neighborhood.kernel_size=4
 """
 
 from experiments.configs import base

@@ -11,8 +11,8 @@ the model's FLOPs at 30 % utilisation, not a measurement)::
     python -m experiments.train --config=experiments/configs/lm1b.py --workdir=$WORKDIR/lm1b \\
         --config.data.data_dir=$DATA
 
-Swap the mechanism with ``--config.model.mechanism=sliding_window`` (or any name in
-``experiments/mechanisms.py``); on a pod, ``launch/tpu_pod.sh`` runs the same command on every
+Swap the mechanism with ``--config.model.mixer=based`` (any name of ``python -m
+experiments.benchmark --list``; its fields with ``--config.model.mixer_fields.based.window=128``); on a pod, ``launch/tpu_pod.sh`` runs the same command on every
 worker. A CPU smoke test (about 20 s; tiny model, 20 steps)::
 
     python -m experiments.train --config=experiments/configs/lm1b.py --workdir=/tmp/lm1b_smoke \\

@@ -5,10 +5,13 @@ Command (about 40 s on a 2-core CPU; reaches ~99% recall accuracy with softmax a
 
     python -m experiments.train --config=experiments/configs/mqar.py --workdir=/tmp/mqar
 
-Other mechanisms and widths, e.g. the sliding window at width 128::
+Other mechanisms and widths, e.g. a sliding window of 16 tokens at width 128, or Based::
 
     python -m experiments.train --config=experiments/configs/mqar.py --workdir=/tmp/mqar_swa \\
-        --config.model.mechanism=sliding_window --config.model.dim=128 --config.optimizer.learning_rate=3e-3
+        --config.model.mixer_fields.softmax.window=16 --config.model.dim=128 \\
+        --config.optimizer.learning_rate=3e-3
+    python -m experiments.train --config=experiments/configs/mqar.py --workdir=/tmp/mqar_based \\
+        --config.model.mixer=based --config.model.mixer_fields.based.window=8
 
 Zoology's harder setting (vocabulary 8192, 512 tokens, 64 pairs; about 20 min on one H100
 for 20k steps, estimated)::

@@ -7,7 +7,7 @@ Command (about 1 min on a 2-core CPU; ~97% of the passkey digits right at the en
 Longer haystacks and a sliding window that cannot see the needle, e.g.::
 
     python -m experiments.train --config=experiments/configs/passkey.py --workdir=/tmp/passkey_swa \\
-        --config.data.seq_len=512 --config.model.mechanism=sliding_window
+        --config.data.seq_len=512 --config.model.mixer_fields.softmax.window=128
 """
 
 from experiments.configs import base

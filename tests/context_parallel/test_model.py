@@ -21,8 +21,8 @@ TX = optax.adamw(1e-2)
 
 def _config():
   return models.lm.tiny(schedule=(
-      layers.AttentionConfig(num_heads=4, num_kv_heads=2, learned_sinks=True),
-      layers.AttentionConfig(mechanism="linear", num_heads=4, num_kv_heads=2, decay="data")))
+      layers.mixer_config("softmax", num_heads=4, num_kv_heads=2, learned_sinks=True),
+      layers.mixer_config("linear", num_heads=4, num_kv_heads=2, decay="data")))
 
 
 def test_decoder_lm_trains_with_a_sequence_axis():

@@ -30,6 +30,17 @@ def env(devices: int = 1) -> dict:
   return e
 
 
+def parse_config(path, *overrides):
+  """Parses a command line as experiments.train does (its own FlagValues and argv)."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["prog", f"--config={path}", *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
 def train_cmd(workdir, *overrides) -> list[str]:
   return [sys.executable, "-m", "experiments.train", f"--config={MQAR_CONFIG}", f"--workdir={workdir}",
           *TINY, *overrides]

@@ -1,5 +1,7 @@
 """Checkpointer verification in-process: checksum, partial and damaged step directories."""
 
+import json
+import pathlib
 import shutil
 
 import jax
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import checkpointing
+from tests.experiments import helpers
 
 
 def _state(scale):
@@ -99,3 +102,66 @@ def test_keeps_the_last_n(tmp_path):
 def test_bad_arguments():
   with pytest.raises(ValueError, match="every and keep must be >= 1, got every=0, keep=3"):
     checkpointing.Checkpointer("/tmp/unused", every=0, keep=3)
+
+
+def test_checkpoint_of_another_structure_is_refused_not_quarantined(tmp_path):
+  _saved(tmp_path)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), every=2, keep=5)
+  other = dict(_state(0.0), w=jnp.zeros((3, 5)), extra=jnp.zeros(2))
+  del other["h"]
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match=r"checkpoint 4 .* another model or optimizer: 1 array\(s\) the model has but the "
+                           r"checkpoint lacks \(extra\); 1 array\(s\) the checkpoint has but the model lacks "
+                           r"\(h\); different shapes: w \(3, 4\) vs \(3, 5\)"):
+    ckpt.restore_latest(checkpointing.abstract_like(other))
+  assert ckpt.all_steps() == [2, 4] and not (tmp_path / "ckpt.corrupt").exists()
+  ckpt.close()
+
+
+# A checkpoint written by the code before the mixer registry (commit 23f295a): the tiny MQAR
+# model with --config.model.mechanism=conv_window (2 layers, short convolution then a window of
+# 4), trained 4 steps. tests/experiments/data/pre_registry_mqar holds its checkpoints/, its
+# config.json and final_metrics.json (with the checksum of its final parameters).
+PRE_REGISTRY = pathlib.Path(__file__).parent / "data" / "pre_registry_mqar"
+
+
+def _pre_registry_config(*mixer_flags):
+  return helpers.parse_config(
+      helpers.MQAR_CONFIG, *helpers.TINY, "--config.model.num_layers=2", "--config.num_train_steps=4",
+      "--config.checkpoint.every=4", "--config.checkpoint.keep=1", *mixer_flags)
+
+
+def test_pre_registry_checkpoint_resumes_under_the_equivalent_flags(tmp_path):
+  from experiments import compat
+  from experiments import trainer
+  workdir = tmp_path / "run"
+  shutil.copytree(PRE_REGISTRY, workdir)
+  old = json.loads((PRE_REGISTRY / "final_metrics.json").read_text())
+  flags = compat.legacy_flags("conv_window", seq_len=16)
+  assert flags == ["--config.model.mixer=short_conv,softmax", "--config.model.mixer_fields.softmax.window=4"]
+  summary = trainer.train(_pre_registry_config(*flags), str(workdir), show_progress=False)
+  # Restored at its last step, bit for bit: the parameters' checksum is the one it saved.
+  assert summary["step"] == 4 and summary["params_checksum"] == old["params_checksum"]
+
+
+def test_pre_registry_checkpoint_under_another_model_says_what_changed(tmp_path):
+  from experiments import trainer
+  workdir = tmp_path / "run"
+  shutil.copytree(PRE_REGISTRY, workdir)
+  with pytest.raises(checkpointing.IncompatibleCheckpointError) as info:
+    trainer.train(_pre_registry_config("--config.model.mixer=softmax"), str(workdir), show_progress=False)
+  message = str(info.value)
+  assert "checkpoint 4" in message and "written for another model" in message
+  assert "blocks/0/mixer/kernel" in message  # the short convolution the softmax model lacks
+  assert "before the mixer registry" in message and "model.mechanism='conv_window'" in message
+  assert ("--config.model.mixer=short_conv,softmax --config.model.mixer_fields.softmax.window=4" in message)
+  # Nothing was moved aside or overwritten: the run can still be resumed correctly.
+  assert (workdir / "checkpoints" / "4").is_dir() and not (workdir / "checkpoints.corrupt").exists()
+  assert json.loads((workdir / "config.json").read_text())["model"]["mechanism"] == "conv_window"
+
+
+def test_removed_command_line_flags_say_what_replaced_them(tmp_path):
+  result = helpers.run_train(tmp_path, "--config.model.mechanism=linear_decay", timeout=120)
+  assert result.returncode != 0
+  assert ("the old mechanism 'linear_decay' is now: --config.model.mixer=linear "
+          "--config.model.mixer_fields.linear.decay=data") in result.stderr

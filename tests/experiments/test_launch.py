@@ -23,8 +23,8 @@ def test_local_launcher_runs_two_processes(tmp_path):
 
 def test_local_launcher_reports_a_failing_process(tmp_path):
   cmd = [sys.executable, "launch/local.py", "--num_processes=2", "--",
-         f"--config={helpers.MQAR_CONFIG}", f"--workdir={tmp_path}", "--config.model.mechanism=nope"]
+         f"--config={helpers.MQAR_CONFIG}", f"--workdir={tmp_path}", "--config.model.mixer=nope"]
   result = subprocess.run(cmd, cwd=helpers.REPO, env=helpers.env(), capture_output=True, text=True,
                           timeout=240)
   assert result.returncode != 0
-  assert "mechanism must be one of" in result.stdout
+  assert "mixer must be one of" in result.stdout

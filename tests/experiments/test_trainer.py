@@ -25,7 +25,7 @@ def baseline(tmp_path_factory):
   assert np.isfinite(summary["last_loss"])
   assert helpers.checkpoint_steps(workdir) == [2, 4, 6, 8]
   # The resolved mixer is printed at the start and recorded; the end names the final metrics.
-  assert "mixers (resolved" in result.stderr and "layer 0: AttentionConfig(mechanism='softmax'" in result.stderr
+  assert "mixers (resolved" in result.stderr and "layer 0: mixer_config('softmax'" in result.stderr
   assert result.stdout.strip().splitlines()[-1].startswith("done: step 8/8: train (accuracy")
   return workdir, summary
 
@@ -79,8 +79,8 @@ def test_sigterm_saves_then_resumes(baseline, tmp_path):
 
 
 def test_ctrl_c_saves_and_exits_130_then_resumes(tmp_path):
-  # A sliding window also checks that the resolved window (16 tokens // 4) is what is recorded.
-  window = ("--config.model.mechanism=sliding_window",)
+  # A sliding window also checks that the typed config the flags built is what is recorded.
+  window = ("--config.model.mixer=softmax", "--config.model.mixer_fields.softmax.window=4")
   # Six steps of 1 s left after step 2: room for a slow machine to deliver the signal.
   proc = helpers.start_train(tmp_path, "--config.debug.sleep_per_step=1", "--config.checkpoint.every=100",
                              *window)
@@ -94,9 +94,9 @@ def test_ctrl_c_saves_and_exits_130_then_resumes(tmp_path):
   assert 2 <= saved < 8 and f"SIGINT: saved checkpoint {saved}" in out
   final = helpers.final(tmp_path)
   assert final["preempted"] and final["signal"] == "SIGINT" and final["step"] == saved
-  assert "layer 0: AttentionConfig(mechanism='softmax', num_heads=1, window=4)" in out
+  assert "layer 0: mixer_config('softmax', num_heads=1, window=4)" in out
   (mixer,) = json.loads((tmp_path / "config.json").read_text())["resolved"]["mixers"]
-  assert mixer["window"] == 4 and mixer["mechanism"] == "softmax"
+  assert mixer["window"] == 4 and mixer["mixer"] == "softmax" and mixer["num_sink_tokens"] == 0
   result = helpers.run_train(tmp_path, "--config.checkpoint.every=100", *window)
   assert result.returncode == 0, result.stderr[-4000:]
   assert f"resumed from checkpoint {saved}" in result.stderr

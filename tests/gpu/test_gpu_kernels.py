@@ -200,6 +200,8 @@ LINEAR_CASES = {
     "scalar_normalize_bf16": ("scalar", 1024, 4, 4, 64, 64, True, jnp.bfloat16, None),
     "gla_channel_bf16": ("channel", 777, 4, 2, 64, 64, False, jnp.bfloat16, 64),
     "gla_channel_f32": ("channel", 512, 2, 2, 128, 64, False, jnp.float32, None),
+    # Head dim 256: four 64-channel key blocks in the forward and backward kernels.
+    "fixed_mqa_d256_bf16": ("fixed", 300, 2, 1, 256, 128, False, jnp.bfloat16, None),
 }
 
 

@@ -58,8 +58,8 @@ SOFTMAX_CASES = {
 
 @pytest.mark.parametrize("name", sorted(SOFTMAX_CASES))
 def test_softmax_decode_equals_full(name):
-  cfg = layers.AttentionConfig(**SOFTMAX_CASES[name])
-  layer = layers.mechanisms.build(cfg, DIM, rngs=nnx.Rngs(1))
+  cfg = layers.mixer_config("softmax", **SOFTMAX_CASES[name])
+  layer = layers.build_mixer(cfg, DIM, rngs=nnx.Rngs(1))
   if cfg.learned_sinks:
     layer.sinks[...] = jnp.array([0.5, -1.0, 2.0, 0.0])
   x = _inputs(14)
@@ -71,9 +71,9 @@ def test_softmax_decode_equals_full(name):
 
 def test_rolling_cache_is_the_window_sink_mask_and_bounded():
   n, w, t = 2, 4, 48  # a generation 10x longer than the window
-  cfg = layers.AttentionConfig(num_heads=4, num_kv_heads=2, window=w, num_sink_tokens=n)
+  cfg = layers.mixer_config("softmax", num_heads=4, num_kv_heads=2, window=w, num_sink_tokens=n)
   assert cfg.build_mask() == (masks.sliding_window(w - 1) | masks.sink_tokens(n)) & masks.causal()
-  layer = layers.mechanisms.build(cfg, DIM, rngs=nnx.Rngs(0))
+  layer = layers.build_mixer(cfg, DIM, rngs=nnx.Rngs(0))
   x = _inputs(t, seed=3)
   empty = layer.init_cache(BATCH, t, jnp.float32)
   _, decoded, cache = _full_and_decoded(layer, x, prompt_len=3)
@@ -110,8 +110,8 @@ def test_rolling_cache_fill_keeps_sinks_and_last_window():
 def test_rolling_cache_streaming_llm_positions():
   """rope_in_cache='cache': a step equals attention over [sinks, last window] renumbered 0..n+w-1."""
   n, w, t = 2, 3, 16
-  cfg = layers.AttentionConfig(num_heads=4, window=w, num_sink_tokens=n, rope_in_cache="cache")
-  layer = layers.mechanisms.build(cfg, DIM, rngs=nnx.Rngs(2))
+  cfg = layers.mixer_config("softmax", num_heads=4, window=w, num_sink_tokens=n, rope_in_cache="cache")
+  layer = layers.build_mixer(cfg, DIM, rngs=nnx.Rngs(2))
   x = _inputs(t, seed=5)
   _, decoded, _ = _full_and_decoded(layer, x, prompt_len=4)
   last_output = jax.jit(lambda sub: layer(sub, positions=jnp.arange(sub.shape[1])[None])[:, -1])
@@ -124,8 +124,8 @@ def test_rolling_cache_streaming_llm_positions():
 
 
 def test_short_conv_decode_equals_full_and_respects_segments():
-  cfg = layers.AttentionConfig(mechanism="short_conv", conv_size=3)
-  layer = layers.mechanisms.build(cfg, DIM, rngs=nnx.Rngs(0))
+  cfg = layers.mixer_config("short_conv", conv_size=3)
+  layer = layers.build_mixer(cfg, DIM, rngs=nnx.Rngs(0))
   x = _inputs(9)
   full, decoded, cache = _full_and_decoded(layer, x, prompt_len=4)
   tolerances.assert_close(decoded, full, jnp.float32, "short_conv")
@@ -139,7 +139,7 @@ def test_short_conv_decode_equals_full_and_respects_segments():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_cross_attention_decode_equals_full(causal):
-  cfg = layers.AttentionConfig(num_heads=4, num_kv_heads=2, causal=causal, rope=0)
+  cfg = layers.mixer_config("softmax", num_heads=4, num_kv_heads=2, causal=causal, rope=0)
   layer = layers.CrossAttention(cfg, DIM, rngs=nnx.Rngs(0), memory_dim=16)
   x = _inputs(6)
   memory = jax.random.normal(jax.random.PRNGKey(9), (BATCH, 8, 16))
@@ -164,6 +164,6 @@ def test_cross_attention_decode_equals_full(causal):
 
 def test_decode_rejects_head_dependent_mask():
   mask = masks.from_fn(lambda q, k, h: (k <= q) & (h >= 0))
-  layer = layers.mechanisms.build(layers.AttentionConfig(num_heads=4, mask=mask), DIM, rngs=nnx.Rngs(0))
+  layer = layers.build_mixer(layers.mixer_config("softmax", num_heads=4, mask=mask), DIM, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="head-independent"):
     layer.init_cache(BATCH, 8, jnp.float32)

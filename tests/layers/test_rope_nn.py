@@ -68,11 +68,11 @@ def test_rmsnorm_and_swiglu():
 
 
 def test_schedule_cycles_and_checks():
-  lin, attn = layers.AttentionConfig(mechanism="linear"), layers.AttentionConfig()
+  lin, attn = layers.mixer_config("linear"), layers.mixer_config("softmax")
   sched = layers.expand_schedule((lin,) * 7 + (attn,), 16)
-  assert [c.mechanism for c in sched] == (["linear"] * 7 + ["softmax"]) * 2
+  assert [c.mixer for c in sched] == (["linear"] * 7 + ["softmax"]) * 2
   assert layers.expand_schedule(attn, 3) == (attn,) * 3
-  with pytest.raises(ValueError, match="schedule\\[1\\] must be an AttentionConfig"):
+  with pytest.raises(ValueError, match="schedule\\[1\\] must be a mixer config"):
     layers.expand_schedule((attn, "softmax"), 2)
   with pytest.raises(ValueError, match="at least one"):
     layers.expand_schedule((), 2)

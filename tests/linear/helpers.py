@@ -61,7 +61,13 @@ def compare(implementation, inputs, d_out, d_state, factor=1.0, grad_factors=Non
   dtype = inputs["q"].dtype
   assert got[0].dtype == dtype and got[1].dtype == jnp.float32
   tolerances.assert_close(got[0], want[0], dtype, "out", factor)
-  tolerances.assert_close(got[1], want[1], dtype, "final_state", factor)
+  # The final state is float32 in every dtype. The xla backend accumulates it exactly in float32
+  # from the (rounded) inputs; the Pallas kernels round the decayed keys to the input dtype before
+  # the state matmul (see tests/tolerances.py), which matters only when there is a decay.
+  rounded = None
+  if implementation.startswith("pallas") and inputs["log_decay"] is not None and dtype != jnp.float32:
+    rounded = dtype
+  tolerances.assert_close_accumulated(got[1], want[1], "final_state", factor, rounded_operands=rounded)
   for name in want[2]:
     a, b = got[2][name], want[2][name]
     assert np.isfinite(np.asarray(a, np.float32)).all(), f"d{name} has non-finite values"

@@ -5,7 +5,7 @@ from experiments import efficiency
 
 def test_linear_entries_measure_their_patterns():
   shape = efficiency.Shape(batch=1, heads=2, kv_heads=1, head_dim=8)
-  entries = [m for m in efficiency.MECHANISMS if m.name in ("linear elu+1 (xla)", "lightning (xla)")]
+  entries = [m for m in efficiency.mechanisms() if m.name in ("linear elu+1 (xla)", "lightning (xla)")]
   assert len(entries) == 2
   for mech in entries:
     assert not mech.supports("causal_cross")

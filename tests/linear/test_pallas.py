@@ -93,15 +93,17 @@ def test_per_channel_decay_matches_reference(case):
 
 
 @pytest.mark.parametrize("decay", ["scalar", "channel"])
-def test_gpu_value_column_blocks_match_reference(decay):
-  """GPU programs over blocks of 16 value columns: the state is split in four [K, 16] slices and
-  the partial dQ / dK of the blocks are summed; GQA, segments and an initial state included."""
-  inputs, d_out, d_state = helpers.make_inputs(3, 1, 40, 4, 2, 8, 40, jnp.float32, decay=decay,
+def test_gpu_key_and_value_blocks_match_reference(decay):
+  """GPU programs over blocks of 16 value columns and 16 key channels (key dim 24 padded to 32,
+  value dim 40 to 64): the state is split in 2 x 4 [16, 16] slices, the partial dQ / dK of the
+  value blocks and the partial outputs / dV of the key blocks are summed; GQA, segments and an
+  initial state included."""
+  inputs, d_out, d_state = helpers.make_inputs(3, 1, 40, 4, 2, 24, 40, jnp.float32, decay=decay,
                                                initial_state=True)
   ids = np.zeros((1, 40), np.int32)
   ids[:, 25:] = 1
   kwargs = dict(segment_ids=jnp.asarray(ids), chunk_size=16)
-  config = attn_jax.LinearPallasGpuConfig(block_v=16)
+  config = attn_jax.LinearPallasGpuConfig(block_v=16, block_k=16)
   got = helpers.value_and_grads(inputs, d_out, d_state, implementation="pallas_gpu", config=config, **kwargs)
   want = helpers.value_and_grads(inputs, d_out, d_state, implementation="reference", **kwargs)
   tolerances.assert_close(got[0], want[0], jnp.float32, "out")

@@ -158,3 +158,57 @@ def test_mechanism_argument_errors():
     mechanisms.lightnet_attention(jnp.zeros((1, 2, 4, 2, 4)), jnp.zeros((1, 2, 4, 2, 4)), jnp.zeros((1, 2, 4, 2, 4)))
   with pytest.raises(ValueError, match="must not be longer than the sequence"):
     mechanisms.jrt_prefix_linear_attention(x, x, x, jnp.zeros((1, 9, 2, 4)), jnp.zeros((1, 9, 2, 4)))
+
+
+def _steps(step, state, *xs):
+  """``step`` over the token axis (1) of ``xs`` from ``state``: the outputs ``[B, T, ...]``."""
+  def body(state, x_t):
+    return step(state, *x_t)
+  _, o = jax.lax.scan(body, state, tuple(x.swapaxes(0, 1) for x in xs))
+  return o.swapaxes(0, 1)
+
+
+def test_final_states_continue_the_sequence():
+  """aaren / lightnet_attention with return_final_state, then their step functions, equal the full
+  call on the longer sequence (the decoding path of their mixers)."""
+  b, t, p, h, d = 2, 13, 9, 2, 4
+  query, k, v = _normal(30, h, d), _normal(31, b, t, h, d), _normal(32, b, t, h, 3)
+  q = _normal(33, b, t, h, d)
+
+  @jax.jit
+  def aaren_split(k, v):
+    o, state = mechanisms.aaren(query, k[:, :p], v[:, :p], return_final_state=True)
+    rest = _steps(lambda s, k_t, v_t: mechanisms.aaren_step(s, query, k_t, v_t), state, k[:, p:], v[:, p:])
+    return jnp.concatenate([o, rest], axis=1)
+
+  tolerances.assert_close(aaren_split(k, v), jax.jit(mechanisms.aaren)(query, k, v), jnp.float32, "aaren")
+
+  @jax.jit
+  def lightnet_split(q, k, v):
+    o, state = mechanisms.lightnet_attention(q[:, :p], k[:, :p], v[:, :p], chunk_size=4, return_final_state=True)
+    rest = _steps(mechanisms.lightnet_step, state, q[:, p:], k[:, p:], v[:, p:])
+    # From the empty state (Z = -inf) the steps alone also give the whole sequence.
+    alone = _steps(mechanisms.lightnet_step, mechanisms.lightnet_init_state(b, h, d, 3), q, k, v)
+    return jnp.concatenate([o, rest], axis=1), alone
+
+  full = jax.jit(lambda q, k, v: mechanisms.lightnet_attention(q, k, v, chunk_size=4))(q, k, v)
+  split, alone = lightnet_split(q, k, v)
+  tolerances.assert_close(split, full, jnp.float32, "lightnet prefill + steps")
+  tolerances.assert_close(alone, full, jnp.float32, "lightnet steps from empty")
+  with pytest.raises(ValueError, match="return_final_state needs causal=True"):
+    mechanisms.lightnet_attention(q, k, v, causal=False, return_final_state=True)
+
+
+def test_short_conv_history_and_segments():
+  x, w = _normal(34, 2, 9, 3), _normal(35, 4, 3)
+  whole = jax.jit(mechanisms.short_conv)(x, w)
+  # Continuing from the last W - 1 inputs (decoding) equals the convolution of the whole sequence.
+  tolerances.assert_close(mechanisms.short_conv(x[:, 5:], w, history=x[:, 2:5]), whole[:, 5:], jnp.float32,
+                          "history")
+  # Packed documents: the second document's outputs equal convolving it alone.
+  seg = jnp.broadcast_to((jnp.arange(9) >= 4).astype(jnp.int32), (2, 9))
+  packed = mechanisms.short_conv(x, w, segment_ids=seg)
+  tolerances.assert_close(packed[:, 4:], mechanisms.short_conv(x[:, 4:], w), jnp.float32, "segments")
+  tolerances.assert_close(packed[:, :4], whole[:, :4], jnp.float32, "first document")
+  with pytest.raises(ValueError, match=r"history must have shape \[B, W - 1, C\]"):
+    mechanisms.short_conv(x, w, history=x[:, :2])

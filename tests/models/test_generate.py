@@ -30,7 +30,7 @@ def _check_lm(cfg, prompt_len, new_tokens, seed=0):
 
 
 def test_lm_dense_gqa_decode_equals_full_and_shards():
-  cfg = models.lm.tiny(schedule=layers.AttentionConfig(num_heads=4, num_kv_heads=2, learned_sinks=True))
+  cfg = models.lm.tiny(schedule=layers.mixer_config("softmax", num_heads=4, num_kv_heads=2, learned_sinks=True))
   model, cache = _check_lm(cfg, prompt_len=5, new_tokens=6)
   assert all(isinstance(c, layers.KVCache) and c.capacity == 11 for c in cache)
   # The same generation on a data x tensor mesh: caches split by batch and KV heads.
@@ -46,7 +46,7 @@ def test_lm_dense_gqa_decode_equals_full_and_shards():
 
 def test_lm_rolling_cache_bounded_over_10x_window():
   n, w, new = 2, 4, 44  # 44 generated tokens: 11x the window
-  attn = layers.AttentionConfig(num_heads=4, num_kv_heads=2, window=w, num_sink_tokens=n)
+  attn = layers.mixer_config("softmax", num_heads=4, num_kv_heads=2, window=w, num_sink_tokens=n)
   cfg = models.lm.tiny(schedule=attn)
   model, cache = _check_lm(cfg, prompt_len=3, new_tokens=new)
   empty = model.init_cache(2, 3 + new)
@@ -59,9 +59,9 @@ def test_lm_rolling_cache_bounded_over_10x_window():
 
 def test_lm_based_like_hybrid_decode_equals_full():
   """Short convolution, sliding-window softmax (rolling) and chunked softmax layers in one model."""
-  schedule = (layers.AttentionConfig(mechanism="short_conv", conv_size=3),
-              layers.AttentionConfig(num_heads=4, window=3),
-              layers.AttentionConfig(num_heads=4, num_kv_heads=1, chunk_size=4))
+  schedule = (layers.mixer_config("short_conv", conv_size=3),
+              layers.mixer_config("softmax", num_heads=4, window=3),
+              layers.mixer_config("softmax", num_heads=4, num_kv_heads=1, chunk_size=4))
   _, cache = _check_lm(models.lm.tiny(num_layers=3, schedule=schedule), prompt_len=4, new_tokens=7)
   assert [type(c).__name__ for c in cache] == ["ConvCache", "KVCache", "KVCache"]
   assert cache[1].capacity == 3 and cache[2].capacity == 11
@@ -146,12 +146,14 @@ def _check_ragged_equals_rows(model, lengths, new_tokens, seed=1, **inputs):
 RAGGED_LMS = {
     "dense": lambda: models.lm.tiny(),
     # Capacity 2 + 3 = 5 slots: the 7-token prompt and the generation both evict.
-    "rolling_sinks": lambda: models.lm.tiny(schedule=layers.AttentionConfig(
-        num_heads=4, num_kv_heads=2, window=3, num_sink_tokens=2)),
+    "rolling_sinks": lambda: models.lm.tiny(schedule=layers.mixer_config(
+        "softmax", num_heads=4, num_kv_heads=2, window=3, num_sink_tokens=2)),
     "linear_conv_softmax_hybrid": lambda: models.lm.tiny(num_layers=3, schedule=(
-        layers.AttentionConfig(mechanism="linear", num_heads=4, decay="data"),
-        layers.AttentionConfig(mechanism="short_conv", conv_size=3),
-        layers.AttentionConfig(num_heads=4, num_kv_heads=2))),
+        layers.mixer_config("linear", num_heads=4, decay="data"),
+        layers.mixer_config("short_conv", conv_size=3),
+        layers.mixer_config("softmax", num_heads=4, num_kv_heads=2))),
+    # Based's three caches (convolution window, Taylor state, rolling window of 3 slots).
+    "based": lambda: models.lm.tiny(schedule=layers.mixer_config("based", num_heads=2, feature_dim=4, window=3)),
 }
 
 

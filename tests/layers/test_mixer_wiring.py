@@ -1,5 +1,5 @@
-"""The mechanism registry: construction-time errors, and the wiring of the linear and
-neighborhood mixers, exercised through stand-in primitives with the interfaces of issues 4/5.
+"""The wiring of the linear and neighborhood mixers, exercised through stand-in primitives with
+the interfaces of issues 4/5 (the registry itself: tests/layers/test_registry.py).
 
 The stand-ins are naive (a token-by-token recurrence; a dense NATTEN-semantics mask) and are
 installed with monkeypatch only for these tests, so the same tests keep checking the layers'
@@ -16,11 +16,9 @@ import pytest
 from flax import nnx
 
 import attn_jax
-from attn_jax import dispatch
 from attn_jax import layers
 from attn_jax import masks
 from attn_jax import models
-from attn_jax.layers import mechanisms
 from tests import tolerances
 
 
@@ -30,59 +28,6 @@ def test_plain_import_does_not_import_flax():
           "assert not bad, bad; print('ok')")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-
-
-def test_registry_lists_mechanisms_and_rejects_unknown():
-  assert {"softmax", "neighborhood", "linear", "short_conv"} <= set(mechanisms.names())
-  with pytest.raises(layers.UnsupportedConfigError, match="mechanism must be one of .* got 'flash9'"):
-    mechanisms.check(layers.AttentionConfig(mechanism="flash9"))
-
-
-@pytest.mark.parametrize("name,primitive", [("linear", "linear_attention"),
-                                            ("neighborhood", "neighborhood_attention")])
-def test_missing_primitive_fails_at_model_construction(monkeypatch, name, primitive):
-  monkeypatch.delattr(attn_jax, primitive, raising=False)
-  cfg = models.lm.tiny(schedule=(layers.AttentionConfig(mechanism=name, num_heads=4), layers.AttentionConfig()))
-  with pytest.raises(layers.UnsupportedConfigError,
-                     match=f"mechanism '{name}' needs attn_jax.{primitive}, which this installation lacks"):
-    models.DecoderLM(cfg, rngs=nnx.Rngs(0))
-
-
-def test_backend_that_cannot_run_here_fails_at_construction(monkeypatch):
-  with pytest.raises(layers.UnsupportedConfigError,
-                     match="implementation='pallas_nope' is not available in this installation"):
-    models.DecoderLM(models.lm.tiny(schedule=layers.AttentionConfig(implementation="pallas_nope")),
-                     rngs=nnx.Rngs(0))
-  # A GPU kernel on a TPU host (the kernel is registered here as a stand-in: its presence is
-  # issue 3's business, the platform rule is ours).
-  monkeypatch.setitem(dispatch._REGISTRY.setdefault("softmax", {}), "pallas_gpu", lambda *a, **k: None)
-  cfg = layers.AttentionConfig(implementation="pallas_gpu")
-  with pytest.raises(layers.UnsupportedConfigError, match="cannot run on platform 'tpu'"):
-    mechanisms.check(cfg, platform="tpu")
-  mechanisms.check(cfg, platform="gpu")
-  mechanisms.check(cfg, platform="cpu")  # interpret mode
-  # cuDNN has no interpret mode: it needs the GPU.
-  cfg = layers.AttentionConfig(implementation="cudnn")
-  for platform in ("cpu", "tpu"):
-    with pytest.raises(layers.UnsupportedConfigError, match="implementation='cudnn' needs an NVIDIA GPU"):
-      mechanisms.check(cfg, platform=platform)
-  mechanisms.check(cfg, platform="gpu")
-
-
-@pytest.mark.parametrize("changes,match", [
-    (dict(num_heads=4, num_kv_heads=3), "multiple of num_kv_heads"),
-    (dict(window=0), "window must be a positive int"),
-    (dict(rolling_cache=True), "rolling_cache=True needs a causal sliding window"),
-    (dict(rope_in_cache="relative"), "rope_in_cache must be one of"),
-    (dict(causal=False, chunk_size=4), "needs causal=True"),
-    (dict(mask="causal"), "mask must be an attn_jax.masks.Mask"),
-    (dict(shard_map=True, mask=masks.from_fn(lambda q, k, h: k <= q + h)), "must not depend on the head"),
-    (dict(rope=2, head_dim=6), "divisible by 2 \\* rope = 4"),
-    (dict(mechanism="short_conv", causal=False), "causal convolution"),
-])
-def test_bad_configs_fail_at_construction(changes, match):
-  with pytest.raises(layers.UnsupportedConfigError, match=match):
-    mechanisms.build(layers.AttentionConfig(**changes), 32, rngs=nnx.Rngs(0))
 
 
 def _phi(name):
@@ -127,10 +72,9 @@ def fake_linear_attention(q, k, v, *, log_decay=None, feature_map="identity", no
 
 
 def _linear_hybrid():
-  lin = layers.AttentionConfig(mechanism="linear", num_heads=4, num_kv_heads=2, decay="data",
-                               feature_map="elu_plus_one")
+  lin = layers.mixer_config("linear", num_heads=4, num_kv_heads=2, decay="data", feature_map="elu_plus_one")
   fixed = lin.replace(decay="fixed", normalize=False, feature_map="identity", output_norm=False)
-  cfg = models.lm.tiny(num_layers=3, schedule=(lin, fixed, layers.AttentionConfig(num_heads=4)))
+  cfg = models.lm.tiny(num_layers=3, schedule=(lin, fixed, layers.mixer_config("softmax", num_heads=4)))
   return models.DecoderLM(cfg, rngs=nnx.Rngs(0)), cfg
 
 
@@ -157,7 +101,7 @@ def test_linear_hybrid_lm_decode_equals_full(monkeypatch, primitive):
 def test_linear_decode_without_step_function_fails_clearly(monkeypatch):
   monkeypatch.setattr(attn_jax, "linear_attention", fake_linear_attention, raising=False)
   monkeypatch.delattr(attn_jax, "linear_attention_step", raising=False)
-  layer = mechanisms.build(layers.AttentionConfig(mechanism="linear"), 32, rngs=nnx.Rngs(0))
+  layer = layers.build_mixer(layers.mixer_config("linear"), 32, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="needs attn_jax.linear_attention_step"):
     layer.init_cache(2, 8, jnp.float32)
 
@@ -194,7 +138,7 @@ def test_neighborhood_vit_wiring(monkeypatch):
   monkeypatch.setattr(attn_jax, "neighborhood_attention", fake_neighborhood_attention, raising=False)
   CALLS.clear()
   dense = models.vit.tiny()
-  na = dense.replace(schedule=dense.schedule.replace(mechanism="neighborhood", kernel_size=(4, 4)))
+  na = dense.replace(schedule=dense.schedule.with_mixer("neighborhood", kernel_size=(4, 4)))
   vit_na = models.ViT(na, rngs=nnx.Rngs(0))
   vit_dense = models.ViT(dense, rngs=nnx.Rngs(0))
   images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
@@ -214,7 +158,7 @@ def test_neighborhood_vit_on_the_real_primitive():
   assert attn_jax.neighborhood_attention is not fake_neighborhood_attention
   dense = models.vit.tiny()
   images = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 3))
-  na = dense.replace(schedule=dense.schedule.replace(mechanism="neighborhood", kernel_size=(4, 4)))
+  na = dense.replace(schedule=dense.schedule.with_mixer("neighborhood", kernel_size=(4, 4)))
   vit_na = models.ViT(na, rngs=nnx.Rngs(0))
   tolerances.assert_close(vit_na(images), models.ViT(dense, rngs=nnx.Rngs(0))(images), jnp.float32,
                           "full-window NA == dense")
