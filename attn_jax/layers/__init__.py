@@ -33,6 +33,17 @@ from attn_jax.layers.registry import (EfficiencyPreset, MixerConfig, MixerEntry,
                                       Task, UnsupportedConfigError, build as build_mixer, get as mixer_entry,
                                       mixer_config, mixer_names)
 from attn_jax.layers.rope import apply_rope, grid_positions
+# The content-dependent sparse mixers of issue 14.
+from attn_jax.layers.mixers.block_topk import BlockTopKAttention, BlockTopKConfig
+from attn_jax.layers.mixers.core_context import CoreContextAttention, CoreContextConfig
+from attn_jax.layers.mixers.dhsa import DHSAAttention, DHSAConfig
+from attn_jax.layers.mixers.dynamic_mask import DynamicMaskAttention, DynamicMaskConfig
+from attn_jax.layers.mixers.hyper import HyperAttention, HyperConfig
+from attn_jax.layers.mixers.landmark import LandmarkAttention, LandmarkConfig
+from attn_jax.layers.mixers.power import PowerAttention, PowerConfig
+from attn_jax.layers.mixers.recycled import RecycledAttention, RecycledCache, RecycledConfig
+from attn_jax.layers.mixers.routing import Centroids, RoutingAttention, RoutingConfig
+from attn_jax.layers.mixers.superlinear import SuperlinearAttention, SuperlinearConfig
 
 __all__ = [
     "AarenAttention",
@@ -84,6 +95,13 @@ __all__ = [
     "mixer_entry",
     "mixer_names",
     "registry",
+]
+
+__all__ += [
+    "BlockTopKAttention", "BlockTopKConfig", "CoreContextAttention", "CoreContextConfig", "DHSAAttention",
+    "DHSAConfig", "DynamicMaskAttention", "DynamicMaskConfig", "HyperAttention", "HyperConfig",
+    "LandmarkAttention", "LandmarkConfig", "PowerAttention", "PowerConfig", "RecycledAttention", "RecycledCache",
+    "RecycledConfig", "Centroids", "RoutingAttention", "RoutingConfig", "SuperlinearAttention", "SuperlinearConfig",
 ]
 
 _REMOVED = {

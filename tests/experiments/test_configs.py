@@ -119,7 +119,11 @@ def test_every_quality_preset_builds_its_cell():
     assert config.model.mixer == entry.name
     model = nnx.eval_shape(builders.model_factory(config, data.make_source(config.data, config.seed)))
     assert isinstance(model.blocks[0].mixer, entry.layer)
-    assert quality.state_floats(config) > 0, name
+    if entry.cache is not None:
+      assert quality.state_floats(config) > 0, name
+    else:  # No decoding form (issue 14's sparse mixers): the suite records the reason instead.
+      with pytest.raises(NotImplementedError, match=f"mixer '{entry.name}' does not decode"):
+        quality.state_floats(config)
   with pytest.raises(ValueError, match="quality preset must be one of"):
     quality.preset_overrides("nope", settings)
 

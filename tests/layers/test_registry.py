@@ -23,9 +23,20 @@ REQUIRED = ("softmax", "neighborhood", "short_conv", "linear", "lightning", "bas
 PROMPT, NEW = 8, 5
 
 
+# Blocks, spans and budgets smaller than the test sequences (13 tokens), so that the content-
+# dependent sparse mixers select among several blocks rather than degenerate to dense attention.
+# Recycled Attention recycles the whole cache here (its decoding is then exact); its own test
+# compares sparser decoding with its oracle.
+TINY = dict(block_topk=dict(block_size=4, top_k=1), hyper=dict(block_size=4, sample_size=4),
+            landmark=dict(block_size=4), power=dict(block_size=2), routing=dict(num_clusters=2),
+            superlinear=dict(span_size=4, top_k=1), dynamic_mask=dict(block_size=4),
+            core_context=dict(group_size=2, local_window=4), dhsa=dict(chunk_size=4, budget=4, block_q=4, block_kv=4),
+            recycled=dict(stride=2, top_k=PROMPT + NEW))
+
+
 def _tiny_lm(name, **fields):
   """A 1-layer, width-32 LM of mixer ``name`` (2 heads; a window shorter than the test sequence)."""
-  fields = dict(num_heads=2, **fields)
+  fields = dict(num_heads=2, **TINY.get(name, {}), **fields)
   if "window" in registry.get(name).fields and "window" not in fields:
     fields["window"] = 4
   return models.lm.tiny(num_layers=1, schedule=layers.mixer_config(name, **fields))
@@ -47,7 +58,17 @@ def test_every_module_of_the_mixers_package_is_a_registered_mechanism():
   assert modules == registered
 
 
-@pytest.mark.parametrize("name", layers.mixer_names())
+DECODING = tuple(n for n in layers.mixer_names() if layers.mixer_entry(n).cache is not None)
+
+
+@pytest.mark.parametrize("name", sorted(set(layers.mixer_names()) - set(DECODING)))
+def test_mixers_without_a_cache_say_they_do_not_decode(name):
+  model = models.DecoderLM(_tiny_lm(name), rngs=nnx.Rngs(0))
+  with pytest.raises(NotImplementedError, match=f"mixer '{name}' does not decode: ."):
+    models.generate(model, jnp.zeros((1, PROMPT), jnp.int32), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("name", DECODING)
 def test_generate_with_cache_equals_full_recomputation(name):
   cfg = _tiny_lm(name)
   model = models.DecoderLM(cfg, rngs=nnx.Rngs(0))
@@ -63,12 +84,15 @@ def test_generate_with_cache_equals_full_recomputation(name):
 def test_tiny_lm_trains_one_step(name):
   cfg = _tiny_lm(name)
   model = models.DecoderLM(cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
+  # Non-parameter state (Routing's EMA centroids) is traced with the parameters, as in
+  # models.train, so that a mixer may update it inside the step (flax refuses to mutate a
+  # variable from an outer trace).
+  graphdef, params, state = nnx.split(model, nnx.Param, ...)
   batch = {"tokens": jax.random.randint(jax.random.PRNGKey(2), (2, 13), 0, cfg.vocab_size)}
 
   @jax.jit
   def step(params):
-    loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(batch))(params)
+    loss, (grads, _) = jax.value_and_grad(lambda ps: nnx.merge(graphdef, *ps).loss(batch))((params, state))
     return loss, grads, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
 
   loss, grads, new_params = step(params)

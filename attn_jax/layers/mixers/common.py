@@ -1,5 +1,6 @@
 """Pieces several mixers share: head projections with logical axes, the sharding specs of
-per-head activations, and one softmax decoding step over a :class:`~attn_jax.layers.cache.KVCache`."""
+per-head activations, one softmax decoding step over a :class:`~attn_jax.layers.cache.KVCache`,
+and the frame of the content-dependent sparse mixers (:class:`SparseAttention`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from flax import nnx
 import attn_jax
 from attn_jax import sharding
 from attn_jax.layers import nn
+from attn_jax.layers import rope as rope_lib
 
 Q_SPEC = ("batch", "seq", "act_heads", None)
 KV_SPEC = ("batch", "seq", "act_kv_heads", None)
@@ -67,3 +69,57 @@ def no_segments(name: str, segment_ids) -> None:
   """For mixers that cannot keep packed documents apart."""
   if segment_ids is not None:
     raise ValueError(f"mixer {name!r} does not support segment_ids (packed documents); pass None")
+
+
+def rope_1d(config, x, positions):
+  """RoPE of ``x [B, T, H, D]`` at ``positions [B, T]`` (a batch of 1 broadcasts) when
+  ``config.rope`` is 1; the content-dependent sparse mixers are sequence mixers only."""
+  if config.rope == 0:
+    return x
+  if config.rope != 1 or positions.ndim != 2:
+    raise ValueError(f"mixer {config.mixer!r} supports rope=0 or 1 with positions [B, T], got rope={config.rope} "
+                     f"and positions of shape {positions.shape}")
+  return rope_lib.apply_rope(x, positions, theta=config.rope_theta)
+
+
+def check_fits(config, name: str, value: int, limit: int, what: str) -> None:
+  """ValueError naming the field unless ``value <= limit`` (a budget larger than the sequence)."""
+  if value > limit:
+    raise config.error(f"{name}={value} must be at most {what} = {limit}")
+
+
+class SparseAttention(nnx.Module):
+  """The frame of the content-dependent sparse mixers: Q/K/V projections, 1-D RoPE, the
+  mechanism's attention ``attend(q, k, v, x=x, positions=positions, **inputs) -> [B, T, Hq, Dv]``
+  (subclasses), the output projection. ``NO_DECODE``: why the mechanism has no decoding form
+  (``init_cache`` raises NotImplementedError with it), or None when the subclass decodes."""
+
+  NO_DECODE: str | None = None
+
+  def __init__(self, config, dim, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32, layer_index: int = 0,
+               num_layers: int = 1):
+    del num_layers
+    self.config = config
+    self.dtype = dtype
+    self.layer_index = layer_index
+    self.proj = Projections(config, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def project(self, x, positions):
+    """``x [B, T, C]`` -> rotated ``q [B, T, Hq, D]``, ``k [B, T, Hkv, D]`` and ``v``."""
+    q, k, v = self.proj.qkv(x)
+    return rope_1d(self.config, q, positions), rope_1d(self.config, k, positions), v
+
+  def attend(self, q, k, v, **context):
+    raise NotImplementedError
+
+  def output(self, out):
+    return self.proj.o_proj(sharding.constrain(out.astype(self.dtype), Q_SPEC))
+
+  def __call__(self, x, *, positions, segment_ids=None, **inputs):
+    """``x [B, T, C]``, ``positions [B, T]`` -> ``[B, T, C]`` (no packed documents)."""
+    no_segments(self.config.mixer, segment_ids)
+    q, k, v = self.project(x, positions)
+    return self.output(self.attend(q, k, v, x=x, positions=positions, **inputs))
+
+  def init_cache(self, batch: int, max_len: int, dtype):
+    raise NotImplementedError(f"mixer {self.config.mixer!r} does not decode: {self.NO_DECODE}")
