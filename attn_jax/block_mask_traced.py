@@ -233,7 +233,7 @@ def _check_leading(name, x, lay: Layout, last: int | None, last_name: str):
 def _compact(idx, valid, lay: Layout, width: int):
   """Rows of candidate key blocks -> sorted, deduplicated, EMPTY-free lists of ``width`` entries."""
   nk = lay.num_kv_blocks
-  static = jnp.asarray(lay.static_block_mask.kinds[0])                      # [nq, nk]
+  static = jnp.asarray(lay.static_block_mask.dense_kinds()[0])                      # [nq, nk]
   rows = jnp.arange(static.shape[0])[:, None]
   idx = idx.astype(jnp.int32)
   valid = valid & (idx >= 0) & (idx < nk)
@@ -316,7 +316,8 @@ def from_indices(indices, *, q_len: int, kv_len: int, block_q: int, block_kv: in
 def _keep_lists(lay: Layout, keep: masks_lib.Mask):
   """Host lists of the blocks ``keep`` always selects (non-empty under keep and the static mask)."""
   kept = block_mask_lib.make_block_mask(keep & lay.mask, lay.q_len, lay.kv_len, lay.block_q, lay.block_kv)
-  return kept.kv_indices[0], kept.kv_counts[0], kept.kinds[0] != EMPTY
+  idx, _, counts = kept.padded_rows()
+  return idx, counts, kept.dense_kinds()[0] != EMPTY
 
 
 def from_scores(scores, top_k: int, *, q_len: int, kv_len: int, block_q: int, block_kv: int,
@@ -354,7 +355,7 @@ def from_scores(scores, top_k: int, *, q_len: int, kv_len: int, block_q: int, bl
     raise ValueError(f"keep must be an attn_jax.masks.Mask or None, got {type(keep).__name__}")
   lead = scores.shape[:2]
   parts, valids = [], []
-  eligible = jnp.asarray(lay.static_block_mask.kinds[0] != EMPTY)
+  eligible = jnp.asarray(lay.static_block_mask.dense_kinds()[0] != EMPTY)
   if keep is not None:
     keep_idx, keep_cnt, keep_dense = _keep_lists(lay, keep)
     eligible = eligible & ~jnp.asarray(keep_dense)

@@ -99,7 +99,7 @@ class Explanation:
 def _detail(attempt: dispatch.Attempt) -> str:
   bm = attempt.notes.get("block_mask")
   if bm is not None:
-    tiles = bm.kinds.size
+    tiles = bm.num_tiles
     empty = tiles - bm.num_nonempty
     heads = f" x {bm.num_heads} heads" if bm.num_heads > 1 else ""
     return (f"BlockMask {bm.block_q}x{bm.block_kv} blocks, {bm.num_q_blocks}x{bm.num_kv_blocks} tiles{heads}: "

@@ -28,6 +28,7 @@ KV-cache decoding, where the last query is the newest token). For self-attention
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from typing import Any, Callable
@@ -45,6 +46,7 @@ __all__ = [
     "prefix_lm",
     "block_layout",
     "from_fn",
+    "per_head",
     "from_array",
 ]
 
@@ -62,8 +64,17 @@ class MaskContext:
 
 
 def _true_like(q_idx, kv_idx):
-  # Broadcasts to the common shape of both index arrays and works for NumPy and JAX alike.
-  return (q_idx * 0 + kv_idx * 0) == 0
+  """All-True array of the two index arrays' broadcast shape, for NumPy and JAX alike.
+
+  A constant rather than arithmetic on the indices: inside a kernel it costs nothing, where
+  ``q * 0 + kv * 0 == 0`` costs two vector operations per element of the tile.
+  """
+  shape = np.broadcast_shapes(np.shape(q_idx), np.shape(kv_idx))
+  for x in (q_idx, kv_idx):
+    namespace = getattr(x, "__array_namespace__", None)
+    if namespace is not None and not isinstance(x, np.ndarray):
+      return namespace().ones(shape, dtype=bool)
+  return np.ones(shape, bool)
 
 
 def div_nonneg(x, d: int, xp):
@@ -109,6 +120,20 @@ class Mask:
 
   def validate(self, ctx: MaskContext) -> None:
     """Raises ValueError if the mask cannot be applied to these lengths."""
+
+  @property
+  def num_heads(self) -> int | None:
+    """The number of query heads this mask is written for (``per_head`` masks), else None."""
+    return None
+
+  def for_head(self, head: int) -> "Mask | None":
+    """This mask seen by query head ``head`` alone, as a head-independent mask, or None when it
+    cannot be written so (a head-dependent user function).
+
+    The BlockMask compiler builds the block structure of a head-dependent mask from the analytic
+    bounds of these per-head masks instead of evaluating every token pair of every head.
+    """
+    return None if self.depends_on_head else self
 
   def __and__(self, other: "Mask") -> "Mask":
     _check_mask(other, "right operand of &")
@@ -181,6 +206,18 @@ class _Binary(Mask):
   def _both(self, method, *args):
     return getattr(self.a, method)(*args), getattr(self.b, method)(*args)
 
+  @property
+  def num_heads(self):
+    a, b = self.a.num_heads, self.b.num_heads
+    if a is not None and b is not None and a != b:
+      raise ValueError(f"per-head masks combined with different head counts: {a} in {self.a!r} "
+                       f"and {b} in {self.b!r}")
+    return a if a is not None else b
+
+  def for_head(self, head):
+    a, b = self.a.for_head(head), self.b.for_head(head)
+    return None if a is None or b is None else type(self)(a, b)
+
 
 @dataclasses.dataclass(frozen=True)
 class And(_Binary):
@@ -192,6 +229,12 @@ class And(_Binary):
   def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
     (any_a, all_a), (any_b, all_b) = self._both("block_bounds", q_lo, q_hi, k_lo, k_hi, ctx)
     return any_a & any_b, all_a & all_b
+
+  def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    # An exactly partial operand stays exactly partial when the other one is full.
+    (_, all_a), (_, all_b) = self._both("block_bounds", q_lo, q_hi, k_lo, k_hi, ctx)
+    ex_a, ex_b = self._both("block_bounds_exact", q_lo, q_hi, k_lo, k_hi, ctx)
+    return (all_a & ex_b) | (all_b & ex_a)
 
   def __repr__(self):
     return f"({self.a!r} & {self.b!r})"
@@ -207,6 +250,12 @@ class Or(_Binary):
   def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
     (any_a, all_a), (any_b, all_b) = self._both("block_bounds", q_lo, q_hi, k_lo, k_hi, ctx)
     return any_a | any_b, all_a | all_b
+
+  def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    # An exactly partial operand stays exactly partial when the other one is empty.
+    (any_a, _), (any_b, _) = self._both("block_bounds", q_lo, q_hi, k_lo, k_hi, ctx)
+    ex_a, ex_b = self._both("block_bounds_exact", q_lo, q_hi, k_lo, k_hi, ctx)
+    return (~any_b & ex_a) | (~any_a & ex_b)
 
   def __repr__(self):
     return f"({self.a!r} | {self.b!r})"
@@ -227,9 +276,20 @@ class Not(Mask):
   def evaluate(self, q_idx, kv_idx, head, ctx, xp):
     return ~self.a.evaluate(q_idx, kv_idx, head, ctx, xp)
 
+  @property
+  def num_heads(self):
+    return self.a.num_heads
+
+  def for_head(self, head):
+    a = self.a.for_head(head)
+    return None if a is None else Not(a)
+
   def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
     any_a, all_a = self.a.block_bounds(q_lo, q_hi, k_lo, k_hi, ctx)
     return ~all_a, ~any_a
+
+  def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    return self.a.block_bounds_exact(q_lo, q_hi, k_lo, k_hi, ctx)
 
   def validate(self, ctx):
     self.a.validate(ctx)
@@ -248,6 +308,9 @@ class Full(Mask):
     shape = np.broadcast_shapes(np.shape(q_lo), np.shape(k_lo))
     return np.ones(shape, bool), np.ones(shape, bool)
 
+  def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    return True
+
   def __repr__(self):
     return "full()"
 
@@ -265,6 +328,11 @@ class Causal(Mask):
   def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
     o = self._offset(ctx)
     return k_lo <= q_hi + o, k_hi <= q_lo + o
+
+  def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    # kv - q takes every value of [k_lo - q_hi, k_hi - q_lo] on a rectangle, so the bounds
+    # (that interval meets / lies inside the visible one) are exact.
+    return True
 
   def __repr__(self):
     return f"causal(offset={self.offset})"
@@ -288,6 +356,10 @@ class SlidingWindow(Mask):
     may = (k_hi >= q_lo + o - self.left) & (k_lo <= q_hi + o + self.right)
     must = (k_lo >= q_hi + o - self.left) & (k_hi <= q_lo + o + self.right)
     return may, must
+
+  def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    # As for causal: the bounds compare the interval of kv - q with the visible band exactly.
+    return True
 
   def __repr__(self):
     return f"sliding_window(left={self.left}, right={self.right}, offset={self.offset})"
@@ -317,6 +389,10 @@ class SinkTokens(Mask):
       o = self._offset(ctx)
       may, must = may & (k_lo <= q_hi + o), must & (k_hi <= q_lo + o)
     return np.broadcast_to(may, shape), np.broadcast_to(must, shape)
+
+  def block_bounds_exact(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    # Every row sees the same keys, so a block straddling key n is exactly partial.
+    return True
 
   def __repr__(self):
     if not self.causal:
@@ -460,6 +536,130 @@ class FromFn(Mask):
     return f"from_fn({self.name or getattr(self.fn, '__name__', 'fn')})"
 
 
+@dataclasses.dataclass(frozen=True)
+class PerHead(Mask):
+  """One head-independent mask per query head (see :func:`per_head`)."""
+
+  masks: tuple[Mask, ...]
+
+  depends_on_head = True
+
+  @property
+  def in_kernel(self):
+    return all(m.in_kernel for m in self.masks)
+
+  @property
+  def distinct(self) -> tuple[Mask, ...]:
+    """The distinct masks, in order of first use."""
+    return tuple(dict.fromkeys(self.masks))
+
+  @property
+  def head_to_distinct(self) -> tuple[int, ...]:
+    index = {m: i for i, m in enumerate(self.distinct)}
+    return tuple(index[m] for m in self.masks)
+
+  def validate(self, ctx):
+    for m in self.distinct:
+      m.validate(ctx)
+
+  @property
+  def num_heads(self):
+    return len(self.masks)
+
+  def for_head(self, head):
+    return self.masks[head]
+
+  def block_bounds(self, q_lo, q_hi, k_lo, k_hi, ctx):
+    # Sound for every head at once: some head may see a pair, every head must see it.
+    may = must = None
+    for m in self.distinct:
+      a, b = m.block_bounds(q_lo, q_hi, k_lo, k_hi, ctx)
+      may = a if may is None else may | a
+      must = b if must is None else must & b
+    return may, must
+
+  def evaluate(self, q_idx, kv_idx, head, ctx, xp):
+    if head is None:
+      raise ValueError(f"the per-head mask {self!r} needs the query head index, got head=None")
+    distinct = self.distinct
+    if len(distinct) == 1:
+      return distinct[0].evaluate(q_idx, kv_idx, None, ctx, xp)
+    template = _field_template(distinct)
+    if template is not None:
+      # The masks differ only in integer fields (e.g. window sizes): evaluate once with each
+      # field chosen per head, instead of once per distinct mask.
+      values = {path: _per_head_value([vals[d] for d in self.head_to_distinct], head, xp)
+                for path, vals in template[1].items()}
+      try:
+        return _instantiate(template[0], values).evaluate(q_idx, kv_idx, None, ctx, xp)
+      except Exception:  # noqa: BLE001  A field used in Python control flow: evaluate each mask.
+        pass
+    which = _per_head_value(list(self.head_to_distinct), head, xp)
+    # Selected as int32: Mosaic (TPU kernels) has no select between boolean vectors.
+    out = None
+    for d, m in enumerate(distinct):
+      value = m.evaluate(q_idx, kv_idx, None, ctx, xp).astype(np.int32)
+      if out is not None:
+        shape = np.broadcast_shapes(np.shape(which), np.shape(value), np.shape(out))
+        # Explicit broadcasts: the Triton lowering does not broadcast a scalar condition.
+        value = xp.where(xp.broadcast_to(which == d, shape), xp.broadcast_to(value, shape),
+                         xp.broadcast_to(out, shape))
+      out = value
+    return out != 0
+
+  def __repr__(self):
+    return f"per_head([{', '.join(repr(m) for m in self.masks)}])"
+
+
+def _per_head_value(values, head, xp):
+  """``values[head]`` for an index array, or a select chain for a scalar head inside a kernel
+  (Pallas kernels cannot index a captured constant array)."""
+  if xp is np or np.ndim(head) > 0:
+    return xp.asarray(np.asarray(values, np.int32))[head]
+  # Arithmetic rather than selects: the Triton lowering rejects a select between scalars.
+  out = values[0]
+  for h in range(1, len(values)):
+    if values[h] != values[0]:
+      out = out + (head == h).astype(np.int32) * (values[h] - values[0])
+  return out
+
+
+def _field_template(ms):
+  """``(template, {path: [value per mask]})`` when the masks are one structure that differs only
+  in integer fields, else None. ``path`` is a tuple of field names from the root."""
+  first = ms[0]
+  if any(type(m) is not type(first) for m in ms) or not dataclasses.is_dataclass(first):
+    return None
+  varying = {}
+  for f in dataclasses.fields(first):
+    vals = [getattr(m, f.name) for m in ms]
+    if all(isinstance(v, Mask) for v in vals):
+      sub = _field_template(vals)
+      if sub is None:
+        return None
+      varying.update({(f.name,) + p: v for p, v in sub[1].items()})
+    elif all(v == vals[0] for v in vals) if not isinstance(vals[0], np.ndarray) else False:
+      continue
+    elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals):
+      varying[(f.name,)] = [int(v) for v in vals]
+    else:
+      return None
+  return first, varying
+
+
+def _instantiate(template, values):
+  """A copy of ``template`` with the fields at the given paths replaced (no validation, so that
+  traced scalars can stand in for ints)."""
+  out = copy.copy(template)
+  children = {}
+  for path, value in values.items():
+    if len(path) == 1:
+      object.__setattr__(out, path[0], value)
+    else:
+      children.setdefault(path[0], {})[path[1:]] = value
+  for name, sub in children.items():
+    object.__setattr__(out, name, _instantiate(getattr(template, name), sub))
+  return out
 def _is_tracer_error(e: Exception) -> bool:
   """True for JAX's errors about converting a tracer to a NumPy array or a Python value."""
   import sys
@@ -670,6 +870,41 @@ def from_fn(fn: Callable[..., Any], name: str | None = None, in_kernel: bool = F
   return FromFn(fn, with_head=nargs == 3, name=name, in_kernel=bool(in_kernel))
 
 
+def per_head(masks) -> Mask:
+  """One mask per query head: head ``h`` uses ``masks[h]``.
+
+  Each mask keeps its analytic block bounds, so the BlockMask is built per distinct mask (once
+  per distinct mask, whatever the number of heads using it) without evaluating token pairs. Under
+  ``shard_map`` over heads each shard uses its own heads' masks.
+
+  Args:
+    masks: a sequence of head-independent masks whose length is the number of query heads of the
+      calls that use it (checked when the BlockMask is built).
+  """
+  try:
+    masks = tuple(masks)
+  except TypeError:
+    raise ValueError(f"masks must be a sequence of attn_jax masks, got {masks!r}") from None
+  if not masks:
+    raise ValueError("masks must hold one mask per query head, got an empty sequence")
+  for h, m in enumerate(masks):
+    _check_mask(m, f"masks[{h}]")
+    if m.depends_on_head:
+      raise ValueError(f"masks[{h}] must be head-independent (it is the mask of one head), got {m!r}")
+  tables = [(h, getattr(m, "layout", None)) for h, m in enumerate(masks) if isinstance(m, BlockLayout)]
+  for h, layout in tables[1:]:
+    if layout.shape != tables[0][1].shape:
+      raise ValueError(f"masks mixes shapes: masks[{tables[0][0]}] is a block layout of shape "
+                       f"{tables[0][1].shape}, masks[{h}] one of shape {layout.shape}")
+  return PerHead(masks)
+
+
+def check_num_heads(mask: Mask, num_heads: int) -> None:
+  """ValueError unless a per-head mask has exactly one mask per query head."""
+  n = mask.num_heads
+  if n is not None and n != num_heads:
+    raise ValueError(f"the per-head mask has {n} masks but the call has {num_heads} query heads; "
+                     f"expected one mask per query head")
 # Masks for multimodal and position studies (issue 15): modality-mutual, concentric causal,
 # Video-CCAM, PINE and lookahead masks, with the position-id functions that some of them pair with.
 # All positions below are absolute key positions: query ``i`` sits at ``p = i + offset`` as for

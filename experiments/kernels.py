@@ -144,7 +144,7 @@ def measure(case: str, seq_len: int, mode: str, shape: Shape, repeats: int,
   mask, causal = case_mask(case, seq_len, tiles)
   bm = block_mask_lib.make_block_mask(mask, seq_len, seq_len, *tiles)
   computed_pairs = bm.num_nonempty * tiles[0] * tiles[1]
-  density = bm.num_nonempty / bm.kinds.size
+  density = bm.density
   dt = jnp.dtype(shape.dtype)
   ks = jax.random.split(jax.random.PRNGKey(0), 3)
   dims = (shape.batch, seq_len, shape.heads, shape.head_dim)

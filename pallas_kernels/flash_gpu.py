@@ -1,8 +1,9 @@
 """Block-sparse flash attention for GPU (Pallas, Triton dialect), forward and backward.
 
 Works in the public ``[B, T, H, D]`` layout (tiles are strided loads, no transposes). Each program
-owns one tile of rows and walks its BlockMask list with a dynamic-length ``fori_loop``, loading
-exactly the listed blocks from the full-sequence K/V (or Q/dO) refs:
+owns one tile of rows and walks its BlockMask row (:class:`pallas_kernels.flash_common.Lists`,
+compressed sparse rows) with a dynamic-length ``fori_loop``, loading exactly the listed blocks
+from the full-sequence K/V (or Q/dO) refs:
 
 * forward: grid ``(nq, B, Hq)``; online softmax in registers; writes O and the LSE.
 * dQ: grid ``(nq, B, Hq)`` over the lists of its own BlockMask.
@@ -68,8 +69,27 @@ def _visibility(mask: fc.MaskSpec, masked, tile, q_idx, kv_idx, head, seg, shape
   return vis
 
 
-def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
-                     scale: float, soft_cap, block_q: int, block_kv: int, has_sinks: bool,
+def _walk(mask: fc.MaskSpec, hmap_ref, ptr_ref, b, head, row, n_rows, transposed: bool):
+  """``(start, end, entry)``: the entries ``start <= t < end`` of block ``row`` for (batch ``b``,
+  local query head ``head``), ``entry(ref, t)`` reading one of them from a list ref.
+
+  Static BlockMasks give :class:`~pallas_kernels.flash_common.Lists` (compressed sparse rows with
+  a head -> list map). Traced BlockMasks (``mask.csr_transposed``) give their device lists, one
+  row per (batch, list head): ``ptr`` holds the counts ``[rows, nq]`` and ``idx`` / ``kinds`` are
+  ``[rows, nq, W]`` for the forward and dQ passes; for dK/dV ``ptr`` holds offsets
+  ``[rows, nk + 1]`` into ``[rows, nq * W]`` lists.
+  """
+  if mask.csr_transposed:
+    r = fc.list_row(mask, b, head)
+    if transposed:
+      return ptr_ref[r, row], ptr_ref[r, row + 1], lambda ref, t: ref[r, t]
+    return 0, ptr_ref[r, row], lambda ref, t: ref[r, row, t]
+  base = hmap_ref[head] * (n_rows + 1) + row
+  return ptr_ref[base], ptr_ref[base + 1], lambda ref, t: ref[t]
+
+
+def flash_fwd_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
+                     scale: float, soft_cap, block_q: int, block_kv: int, n_rows: int, has_sinks: bool,
                      has_segments: bool, record):
   refs = list(refs)
   q_ref, k_ref, v_ref = refs[:3]
@@ -80,7 +100,6 @@ def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
   o_ref, lse_ref = rest
 
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  hm = fc.list_row(mask, b, h)
   bq, bk = block_q, block_kv
   q = q_ref[...]
   dv = o_ref.shape[-1]
@@ -95,8 +114,10 @@ def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
   qseg = qseg_ref[...] if has_segments else None
   head = off_ref[0] + h
 
+  first, end, entry = _walk(mask, hmap_ref, ptr_ref, b, h, i, n_rows, False)
+
   def body(t, carry):
-    j = idx_ref[hm, i, t]
+    j = entry(idx_ref, t)
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
@@ -107,7 +128,7 @@ def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
       s, _ = _logits(q, k, scale, soft_cap)
       kv_idx = (start + lax.iota(jnp.int32, bk))[None, :]
       seg = (qseg[:, None] == kvseg_ref[pl.ds(start, bk)][None, :]) if has_segments else None
-      tile = tiles_ref[tid_ref[hm, i, t]] if (masked and mask.use_tiles) else None
+      tile = tiles_ref[entry(tid_ref, t)] if (masked and mask.use_tiles) else None
       vis = _visibility(mask, masked, tile, q_idx, kv_idx, head, seg, (bq, bk))
       if vis is None:
         m_new = jnp.maximum(m_prev, s.max(axis=1))
@@ -119,9 +140,9 @@ def flash_fwd_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
       pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
       return m_new, alpha * l_prev + p.sum(axis=1), alpha[:, None] * acc + pv
 
-    return _select(mask, kind_ref[hm, i, t], update, carry)
+    return _select(mask, entry(kind_ref, t), update, carry)
 
-  m, l, acc = lax.fori_loop(0, cnt_ref[hm, i], body, (m0, l0, acc0))
+  m, l, acc = lax.fori_loop(first, end, body, (m0, l0, acc0))
   positive = l > 0
   safe = jnp.where(positive, l, 1.0)
   o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
@@ -132,9 +153,8 @@ def _full(shape):
   return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _schedule_specs(sched: fc.Schedule, transposed: bool):
-  arrays = ([sched.q_indices, sched.q_kinds, sched.q_counts, sched.q_tile_ids] if transposed else
-            [sched.kv_indices, sched.kv_kinds, sched.kv_counts, sched.kv_tile_ids])
+def _schedule_specs(lists: fc.Lists):
+  arrays = list(lists)
   return arrays, [_full(a.shape) for a in arrays]
 
 
@@ -142,11 +162,13 @@ def _params(num_warps, num_stages):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def flash_fwd(q, k, v, sinks, q_seg, kv_seg, head_offset, sched: fc.Schedule, *,
+def flash_fwd(q, k, v, sinks, q_seg, kv_seg, head_offset, rows: fc.Lists, tiles, *,
               mask: fc.MaskSpec, scale: float, soft_cap, block_q: int, block_kv: int,
               interpret: bool, record: Callable | None = None, num_warps: int = 4,
               num_stages: int = 2):
-  """Forward pass; same contract as :func:`pallas_kernels.flash_tpu.flash_fwd`.
+  """Forward pass; same contract as :func:`pallas_kernels.flash_tpu.flash_fwd`, with the BlockMask
+  rows as :class:`~pallas_kernels.flash_common.Lists` (``head_map`` over the local heads) and the
+  ``[U, block_q, block_kv]`` tile table.
 
   ``Tq``/``Tk`` must be multiples of the blocks, head dims powers of two >= 16.
   """
@@ -154,7 +176,7 @@ def flash_fwd(q, k, v, sinks, q_seg, kv_seg, head_offset, sched: fc.Schedule, *,
   _, tk, hkv, dv = v.shape
   group = hq // hkv
   bq, bk = block_q, block_kv
-  arrays, specs = _schedule_specs(sched, False)
+  arrays, specs = _schedule_specs(rows)
   in_specs = specs + [_full((1,)),
                       pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
                       pl.BlockSpec((None, tk, None, d), lambda i, bi, h: (bi, 0, h // group, 0)),
@@ -168,10 +190,10 @@ def flash_fwd(q, k, v, sinks, q_seg, kv_seg, head_offset, sched: fc.Schedule, *,
                  pl.BlockSpec((None, tk), lambda i, bi, h: (bi, 0))]
     args += [q_seg, kv_seg]
   if mask.use_tiles:
-    in_specs.append(_full(sched.tiles.shape))
-    args.append(sched.tiles)
+    in_specs.append(_full(tiles.shape))
+    args.append(tiles)
   kernel = functools.partial(flash_fwd_kernel, mask=mask, scale=scale, soft_cap=soft_cap,
-                             block_q=bq, block_kv=bk, has_sinks=sinks is not None,
+                             block_q=bq, block_kv=bk, n_rows=tq // bq, has_sinks=sinks is not None,
                              has_segments=q_seg is not None, record=record if interpret else None)
   o, lse = pl.pallas_call(
       kernel,
@@ -188,8 +210,9 @@ def flash_fwd(q, k, v, sinks, q_seg, kv_seg, head_offset, sched: fc.Schedule, *,
   return o, lse.transpose(0, 2, 1)
 
 
-def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
-                    scale: float, soft_cap, block_q: int, block_kv: int, has_segments: bool, record):
+def flash_dq_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
+                    scale: float, soft_cap, block_q: int, block_kv: int, n_rows: int,
+                    has_segments: bool, record):
   refs = list(refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   rest = refs[6:]
@@ -198,7 +221,6 @@ def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: f
   (dq_ref,) = rest
 
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  hm = fc.list_row(mask, b, h)
   bq, bk = block_q, block_kv
   q = q_ref[...]
   do = do_ref[...]
@@ -208,8 +230,10 @@ def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: f
   qseg = qseg_ref[...] if has_segments else None
   head = off_ref[0] + h
 
+  first, end, entry = _walk(mask, hmap_ref, ptr_ref, b, h, i, n_rows, False)
+
   def body(t, acc):
-    j = idx_ref[hm, i, t]
+    j = entry(idx_ref, t)
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
@@ -219,7 +243,7 @@ def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: f
       s, th = _logits(q, k, scale, soft_cap)
       kv_idx = (start + lax.iota(jnp.int32, bk))[None, :]
       seg = (qseg[:, None] == kvseg_ref[pl.ds(start, bk)][None, :]) if has_segments else None
-      tile = tiles_ref[tid_ref[hm, i, t]] if (masked and mask.use_tiles) else None
+      tile = tiles_ref[entry(tid_ref, t)] if (masked and mask.use_tiles) else None
       vis = _visibility(mask, masked, tile, q_idx, kv_idx, head, seg, (bq, bk))
       p = jnp.exp(s - lse)
       if vis is not None:
@@ -230,14 +254,15 @@ def flash_dq_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: f
         ds = ds * (1.0 - th * th)
       return acc + scale * lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
 
-    return _select(mask, kind_ref[hm, i, t], update, acc)
+    return _select(mask, entry(kind_ref, t), update, acc)
 
-  acc = lax.fori_loop(0, cnt_ref[hm, i], body, jnp.zeros(q.shape, jnp.float32))
+  acc = lax.fori_loop(first, end, body,
+                      jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = acc.astype(dq_ref.dtype)
 
 
-def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
-                     scale: float, soft_cap, block_q: int, block_kv: int, group: int,
+def flash_dkv_kernel(hmap_ref, ptr_ref, idx_ref, kind_ref, tid_ref, off_ref, *refs, mask: fc.MaskSpec,
+                     scale: float, soft_cap, block_q: int, block_kv: int, n_rows: int, group: int,
                      has_segments: bool, record):
   refs = list(refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
@@ -255,16 +280,9 @@ def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
 
   def head_body(g, accs):
     h = hk * group + g
-    hm = fc.list_row(mask, b, h)
     head = off_ref[0] + h
-    if mask.csr_transposed:
-      # Compressed rows: this key block's entries are a contiguous run of the flat lists.
-      first = cnt_ref[hm, j]
-      count = cnt_ref[hm, j + 1] - first
-      entry = lambda ref, t: ref[hm, first + t]  # noqa: E731
-    else:
-      count = cnt_ref[hm, j]
-      entry = lambda ref, t: ref[hm, j, t]  # noqa: E731
+
+    first, end, entry = _walk(mask, hmap_ref, ptr_ref, b, h, j, n_rows, True)
 
     def body(t, accs):
       i = entry(idx_ref, t)
@@ -295,7 +313,7 @@ def flash_dkv_kernel(idx_ref, kind_ref, cnt_ref, tid_ref, off_ref, *refs, mask: 
 
       return _select(mask, entry(kind_ref, t), update, accs)
 
-    return lax.fori_loop(0, count, body, accs)
+    return lax.fori_loop(first, end, body, accs)
 
   dk, dv = lax.fori_loop(0, group, head_body,
                          (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
@@ -308,13 +326,14 @@ def _bwd_rows(lse, delta):
   return lse.transpose(0, 2, 1), delta.transpose(0, 2, 1)
 
 
-def flash_dq(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, delta, *,
+def flash_dq(q, k, v, q_seg, kv_seg, head_offset, rows: fc.Lists, tiles, lse, do, delta, *,
              mask: fc.MaskSpec, scale: float, soft_cap, block_q: int, block_kv: int,
              interpret: bool, record: Callable | None = None, num_warps: int = 4,
              num_stages: int = 2):
   """dQ of the backward pass; the arguments of :func:`pallas_kernels.flash_tpu.flash_bwd`.
 
-  ``sched`` is the schedule of a BlockMask with blocks ``(block_q, block_kv)``; the dQ and dK/dV
+  ``rows`` are the row lists (:class:`~pallas_kernels.flash_common.Lists`) of a BlockMask with
+  blocks ``(block_q, block_kv)``, ``tiles`` its tile table; the dQ and dK/dV
   kernels may use different blocks (each gets its own schedule), so that each holds in registers
   only what it can afford.
   """
@@ -324,7 +343,7 @@ def flash_dq(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, d
   bq, bk = block_q, block_kv
   has_segments = q_seg is not None
   lse_t, delta_t = _bwd_rows(lse, delta)
-  arrays, specs = _schedule_specs(sched, False)
+  arrays, specs = _schedule_specs(rows)
   in_specs = specs + [_full((1,)),
                       pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
                       pl.BlockSpec((None, tk, None, d), lambda i, bi, h: (bi, 0, h // group, 0)),
@@ -338,11 +357,12 @@ def flash_dq(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, d
                  pl.BlockSpec((None, tk), lambda i, bi, h: (bi, 0))]
     args += [q_seg, kv_seg]
   if mask.use_tiles:
-    in_specs.append(_full(sched.tiles.shape))
-    args.append(sched.tiles)
+    in_specs.append(_full(tiles.shape))
+    args.append(tiles)
   return pl.pallas_call(
       functools.partial(flash_dq_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=bq,
-                        block_kv=bk, has_segments=has_segments, record=record if interpret else None),
+                        block_kv=bk, n_rows=tq // bq, has_segments=has_segments,
+                        record=record if interpret else None),
       grid=(tq // bq, b, hq),
       in_specs=in_specs,
       out_specs=pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
@@ -353,18 +373,19 @@ def flash_dq(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, d
   )(*args)
 
 
-def flash_dkv(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, delta, *,
+def flash_dkv(q, k, v, q_seg, kv_seg, head_offset, cols: fc.Lists, tiles, lse, do, delta, *,
               mask: fc.MaskSpec, scale: float, soft_cap, block_q: int, block_kv: int,
               interpret: bool, record: Callable | None = None, num_warps: int = 4,
               num_stages: int = 2):
-  """dK and dV of the backward pass; arguments as :func:`flash_dq`. Returns ``(dk, dv)``."""
+  """dK and dV of the backward pass; arguments as :func:`flash_dq`, with the BlockMask's column
+  lists ``cols``. Returns ``(dk, dv)``."""
   b, tq, hq, d = q.shape
   _, tk, hkv, dv = v.shape
   group = hq // hkv
   bq, bk = block_q, block_kv
   has_segments = q_seg is not None
   lse_t, delta_t = _bwd_rows(lse, delta)
-  arrays, specs = _schedule_specs(sched, True)
+  arrays, specs = _schedule_specs(cols)
   in_specs = specs + [_full((1,)),
                       pl.BlockSpec((None, tq, hq, d), lambda j, bi, hk: (bi, 0, 0, 0)),
                       pl.BlockSpec((None, bk, None, d), lambda j, bi, hk: (bi, j, hk, 0)),
@@ -378,12 +399,12 @@ def flash_dkv(q, k, v, q_seg, kv_seg, head_offset, sched: fc.Schedule, lse, do, 
                  pl.BlockSpec((None, bk), lambda j, bi, hk: (bi, j))]
     args += [q_seg, kv_seg]
   if mask.use_tiles:
-    tiles_t = sched.tiles.swapaxes(1, 2)
+    tiles_t = tiles.swapaxes(1, 2)
     in_specs.append(_full(tiles_t.shape))
     args.append(tiles_t)
   return pl.pallas_call(
       functools.partial(flash_dkv_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=bq,
-                        block_kv=bk, group=group, has_segments=has_segments,
+                        block_kv=bk, n_rows=tk // bk, group=group, has_segments=has_segments,
                         record=record if interpret else None),
       grid=(tk // bk, b, hkv),
       in_specs=in_specs,

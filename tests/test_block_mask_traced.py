@@ -42,9 +42,9 @@ def test_from_scores_matches_numpy_selection_and_transposes(mask_name):
   scores = jax.random.normal(jax.random.PRNGKey(1), (2, 3, nq, nk))
   tb = jax.jit(lambda s: traced.from_scores(s, 2, q_len=q_len, kv_len=kv_len, block_q=8, block_kv=8,
                                             mask=mask, keep=keep))(scores)
-  static = bm_lib.make_block_mask(mask, q_len, kv_len, 8, 8).kinds[0]
+  static = bm_lib.make_block_mask(mask, q_len, kv_len, 8, 8).dense_kinds()[0]
   keep_dense = (np.zeros_like(static, bool) if keep is None else
-                bm_lib.make_block_mask(keep & (mask or masks.full()), q_len, kv_len, 8, 8).kinds[0] != 0)
+                bm_lib.make_block_mask(keep & (mask or masks.full()), q_len, kv_len, 8, 8).dense_kinds()[0] != 0)
   want = _oracle_selection(scores, 2, static, keep_dense)
   dense = np.asarray(tb.dense_kinds())
   np.testing.assert_array_equal(dense != bm_lib.EMPTY, want)
@@ -76,7 +76,7 @@ def test_nan_and_minus_inf_scores_are_never_selected():
   scores[0, 1, 3, 1] = np.inf
   tb = jax.jit(lambda s: traced.from_scores(s, 3, q_len=45, kv_len=45, block_q=8, block_kv=8, mask=masks.causal(),
                                             keep=DIAG))(jnp.asarray(scores))
-  static = bm_lib.make_block_mask(masks.causal(), 45, 45, 8, 8).kinds[0]
+  static = bm_lib.make_block_mask(masks.causal(), 45, 45, 8, 8).dense_kinds()[0]
   want = _oracle_selection(scores, 3, static, np.eye(nq, dtype=bool))
   np.testing.assert_array_equal(np.asarray(tb.dense_kinds()) != bm_lib.EMPTY, want)
   np.testing.assert_array_equal(tb.kv_counts[0, :, 5], [4, 2])

@@ -34,8 +34,8 @@ def test_from_array_block_mask_equals_brute_force(shape, blocks):
   heads = shape[0] if len(shape) == 3 else None
   bm = attn_jax.make_block_mask(masks.from_array(dense), q_len, kv_len, *blocks, num_heads=heads)
   want = brute_kinds(dense if heads else dense[None], *blocks)
-  np.testing.assert_array_equal(bm.kinds, want)
-  assert {bm_lib.EMPTY, bm_lib.PARTIAL, bm_lib.FULL} <= set(np.unique(bm.kinds).tolist())
+  np.testing.assert_array_equal(bm.dense_kinds(), want)
+  assert {bm_lib.EMPTY, bm_lib.PARTIAL, bm_lib.FULL} <= set(np.unique(bm.dense_kinds()).tolist())
   check_lists(bm)
 
 
@@ -46,7 +46,7 @@ def test_from_array_block_mask_is_built_without_evaluating_elements(monkeypatch)
   monkeypatch.setattr(masks.ArrayMask, "evaluate", fail)
   dense = _random_dense(1, (100, 90))
   bm = attn_jax.make_block_mask(masks.from_array(dense), 100, 90, 32, 32)
-  np.testing.assert_array_equal(bm.kinds, brute_kinds(dense[None], 32, 32))
+  np.testing.assert_array_equal(bm.dense_kinds(), brute_kinds(dense[None], 32, 32))
 
 
 # Per-head tiles go through the same kernel code as per-head from_fn tiles (tests/softmax/
@@ -154,7 +154,7 @@ def test_sink_tokens_opt_out_and_offset():
 @pytest.mark.parametrize("q_len,kv_len,bq,bk", [(33, 33, 8, 8), (9, 40, 4, 8), (40, 12, 8, 4)])
 def test_sink_tokens_block_bounds_are_sound(mask, q_len, kv_len, bq, bk):
   bm = attn_jax.make_block_mask(mask, q_len, kv_len, bq, bk)
-  np.testing.assert_array_equal(bm.kinds, brute_kinds(mask.materialize(q_len, kv_len)[None], bq, bk))
+  np.testing.assert_array_equal(bm.dense_kinds(), brute_kinds(mask.materialize(q_len, kv_len)[None], bq, bk))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + list(_BACKENDS))

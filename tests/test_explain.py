@@ -24,7 +24,7 @@ def test_explain_reports_the_default_backend_and_its_block_mask():
   assert e.platform == "cpu" and e.backends == ("xla",) and not e.interpret and e.error is None
   bm = attn_jax.make_block_mask(mask, 100, 100, 16, 16)
   text = str(e)
-  assert f"{bm.num_full} full, {bm.num_partial} partial, {bm.kinds.size - bm.num_nonempty} empty" in text
+  assert f"{bm.num_full} full, {bm.num_partial} partial, {bm.num_tiles - bm.num_nonempty} empty" in text
   assert "implementation='xla'" in text and "requested" in text  # the config selects its backend
   default = attn_jax.explain(attn_jax.attention, q, kv, kv, mask=mask)
   assert "implementation=None tries: xla" in str(default) and default.rows()[0][2] == "chosen"

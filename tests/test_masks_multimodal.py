@@ -77,7 +77,7 @@ def test_matches_element_wise_definition(name):
 def test_block_bounds_are_sound(name, block_q, block_kv):
   mask, _, tq, tk = CASES[name]
   bm = bm_lib.make_block_mask(mask, tq, tk, block_q, block_kv)
-  np.testing.assert_array_equal(bm.kinds, brute_kinds(mask.materialize(tq, tk)[None], block_q, block_kv))
+  np.testing.assert_array_equal(bm.dense_kinds(), brute_kinds(mask.materialize(tq, tk)[None], block_q, block_kv))
   check_lists(bm)
 
 
@@ -213,4 +213,5 @@ def test_in_kernel_predicates_lower_for_hardware(platform):
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
       lowering_platforms=({"tpu": "tpu", "gpu": "cuda"}[platform],)).as_text()
   marker = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}[platform]
-  assert text.count(marker) >= 3
+  # Forward and backward: three kernels on GPU (dQ and dK/dV apart), two on TPU (fused backward).
+  assert text.count(marker) >= (2 if platform == "tpu" else 3)

@@ -141,7 +141,7 @@ def _classify(spec: common.Spec, cp: config_lib.ContextParallel, q_chunk: int, k
                                           local_heads if local.depends_on_head else None)
       if bm.num_nonempty == 0:
         kinds[h, a, b] = EMPTY
-      elif bm.num_full == bm.kinds.size:
+      elif bm.num_full == bm.num_tiles:
         kinds[h, a, b] = FULL
   return kinds
 

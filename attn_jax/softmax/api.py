@@ -149,6 +149,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask 
     raise ValueError(f"mask must be an attn_jax.masks.Mask or None, got {type(mask).__name__}")
   mask.validate(masks_lib.MaskContext(tq, tk))
   masks_lib.check_heads(mask, hq)
+  masks_lib.check_num_heads(mask, hq)
 
   scale = 1.0 / math.sqrt(d) if scale is None else _check_static_number("scale", scale)
   if logits_soft_cap is not None:

@@ -178,6 +178,14 @@ def _scores(qb, kb, st: _Static):
   return common.soft_cap_with_tanh(raw, st.spec.logits_soft_cap)
 
 
+def _lists(ptr, idx, kinds):
+  """Sparse rows of the (head-union) BlockMask as device arrays: ``ptr [n + 1]``, ``idx [N]``,
+  ``kinds [N]``. An empty mask gets one dummy entry, never read."""
+  if len(idx) == 0:
+    idx, kinds = np.zeros(1, np.int32), np.zeros(1, np.int32)
+  return (jnp.asarray(ptr[0], jnp.int32), jnp.asarray(idx, jnp.int32), jnp.asarray(kinds, jnp.int32))
+
+
 def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg):
   s = st.spec
   bm = st.block_mask
@@ -188,9 +196,7 @@ def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg):
   if s.has_segments:
     q_seg = _pad_axis(q_seg, 1, qi.shape[3], -1)
     kv_seg = _pad_axis(kv_seg, 1, ki.shape[2], -2)
-  kv_indices = jnp.asarray(bm.kv_indices[0])
-  kv_kinds = jnp.asarray(bm.kv_kinds[0])
-  kv_counts = jnp.asarray(bm.kv_counts[0])
+  kv_ptr, kv_cols, kv_kinds = _lists(bm.kv_ptr, bm.kv_cols, bm.kv_kinds)
   row_shape = (b, s.num_kv_heads, s.group_size, bq)
   if s.has_sinks:
     sink = sinks.astype(jnp.float32).reshape(s.num_kv_heads, s.group_size)[None, :, :, None]
@@ -208,12 +214,12 @@ def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg):
 
     def body(t, carry):
       m, l, acc = carry
-      j = kv_indices[i, t]
+      j = kv_cols[t]
       kb = lax.dynamic_slice_in_dim(ki, j * bk, bk, axis=2)
       vb = lax.dynamic_slice_in_dim(vi, j * bk, bk, axis=2)
       kv_seg_tile = lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1) if s.has_segments else None
       logits, _ = _scores(qb, kb, st)
-      visible = _tile_visibility(st, bm, kv_kinds[i, t], i, j, q_seg_tile, kv_seg_tile, "fwd")
+      visible = _tile_visibility(st, bm, kv_kinds[t], i, j, q_seg_tile, kv_seg_tile, "fwd")
       m_new = jnp.maximum(m, jnp.max(jnp.where(visible, logits, common.NEG_INF), axis=-1))
       alpha = jnp.exp(m - m_new)
       p = jnp.where(visible, jnp.exp(logits - m_new[..., None]), 0.0)
@@ -221,7 +227,7 @@ def _forward(st: _Static, q, k, v, sinks, q_seg, kv_seg):
       pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
       return m_new, l, alpha[..., None] * acc + pv
 
-    m, l, acc = lax.fori_loop(0, kv_counts[i], body, (m0, l0, acc0))
+    m, l, acc = lax.fori_loop(kv_ptr[i], kv_ptr[i + 1], body, (m0, l0, acc0))
     positive = l > 0
     safe = jnp.where(positive, l, 1.0)
     out = (acc / safe[..., None]).astype(q.dtype)
@@ -270,9 +276,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
   if s.has_segments:
     q_seg = _pad_axis(q_seg, 1, qi.shape[3], -1)
     kv_seg = _pad_axis(kv_seg, 1, ki.shape[2], -2)
-  q_indices = jnp.asarray(bm.q_indices[0])
-  q_kinds = jnp.asarray(bm.q_kinds[0])
-  q_counts = jnp.asarray(bm.q_counts[0])
+  q_ptr, q_rows, q_kinds = _lists(bm.q_ptr, bm.q_rows, bm.q_kinds)
   b = q.shape[0]
 
   def kv_block(dq, j):
@@ -282,14 +286,14 @@ def _flash_bwd(st: _Static, residuals, cotangents):
 
     def body(t, carry):
       dq, dk, dv = carry
-      i = q_indices[j, t]
+      i = q_rows[t]
       qb = lax.dynamic_slice_in_dim(qi, i * bq, bq, axis=3)
       dob = lax.dynamic_slice_in_dim(doi, i * bq, bq, axis=3)
       lse_b = lax.dynamic_slice_in_dim(lse_i, i * bq, bq, axis=3)
       delta_b = lax.dynamic_slice_in_dim(delta_i, i * bq, bq, axis=3)
       q_seg_tile = lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1) if s.has_segments else None
       logits, th = _scores(qb, kb, st)
-      visible = _tile_visibility(st, bm, q_kinds[j, t], i, j, q_seg_tile, kv_seg_tile, "bwd")
+      visible = _tile_visibility(st, bm, q_kinds[t], i, j, q_seg_tile, kv_seg_tile, "bwd")
       p = jnp.where(visible, jnp.exp(logits - lse_b[..., None]), 0.0)
       dv = dv + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(d_out.dtype), dob,
                            preferred_element_type=jnp.float32)
@@ -306,7 +310,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
 
     dk0 = jnp.zeros((b, s.num_kv_heads, bk, s.head_dim), jnp.float32)
     dv0 = jnp.zeros((b, s.num_kv_heads, bk, s.v_head_dim), jnp.float32)
-    dq, dk, dv = lax.fori_loop(0, q_counts[j], body, (dq, dk0, dv0))
+    dq, dk, dv = lax.fori_loop(q_ptr[j], q_ptr[j + 1], body, (dq, dk0, dv0))
     return dq, (dk, dv)
 
   dq0 = jnp.zeros(qi.shape, jnp.float32)

@@ -171,7 +171,7 @@ def test_shifted_masks_equal_global_slices():
           for j in range(4):
             tile = got[..., 4 * i:4 * i + 4, 4 * j:4 * j + 4]
             tile = tile[h] if tile.ndim == 3 else tile
-            kind = bm.kinds[h, i, j]
+            kind = bm.dense_kinds()[h, i, j]
             assert kind == (2 if tile.all() else 1 if tile.any() else 0), (mask, q0, k0, i, j)
   # Equal relative positions give equal (shared) masks for the translation-invariant families.
   assert shifted.shift(masks.causal(), 16, 16, 0, ctx) == shifted.shift(masks.causal(), 32, 32, 0, ctx)

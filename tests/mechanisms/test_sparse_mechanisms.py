@@ -202,7 +202,7 @@ def test_topk_block_mask_is_the_oracles_selection_and_one_per_kv_group():
   tb = mech.topk_block_mask(q, k, block_size=8, top_k=2)
   assert (tb.num_batch, tb.num_heads) == (B, HKV)
   dense = np.asarray(tb.dense_kinds())
-  static = bm_lib.make_block_mask(masks.causal(), T, T, 8, 8).kinds[0]
+  static = bm_lib.make_block_mask(masks.causal(), T, T, 8, 8).dense_kinds()[0]
   scores = np.asarray(mech.block_scores(q, k, block_size=8))
   for b in range(B):
     for h in range(HKV):
@@ -277,11 +277,11 @@ def test_power_attention_block_structure_and_backends():
       assert dense[i, j] == want, (i, j)
   for block in (8, 16, 4):
     bm = bm_lib.make_block_mask(m, 100, 100, block, block)
-    for i in range(bm.kinds.shape[1]):
-      for j in range(bm.kinds.shape[2]):
+    for i in range(bm.dense_kinds().shape[1]):
+      for j in range(bm.dense_kinds().shape[2]):
         tile = dense[i * block:(i + 1) * block, j * block:(j + 1) * block]
         full = tile.all() and (j + 1) * block <= 100
-        assert bm.kinds[0, i, j] == (2 if full else (1 if tile.any() else 0)), (block, i, j)
+        assert bm.dense_kinds()[0, i, j] == (2 if full else (1 if tile.any() else 0)), (block, i, j)
   assert m.in_kernel
   q, k, v = _qkv(19, t=70)
   from tests.softmax import helpers
@@ -304,7 +304,8 @@ def test_power_attention_and_traced_masks_lower_for_hardware(platform):
   loss = lambda q, k, v: attn_jax.attention(q, k, v, mask=masks.power_attention(128), implementation=impl,  # noqa: E731
                                             config=config).astype(jnp.float32).sum()
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-  assert text.count(marker) >= 3
+  # Forward and backward: three kernels on GPU, two on TPU (fused backward).
+  assert text.count(marker) >= (2 if platform == "tpu" else 3)
   if platform == "cuda":
     def traced_loss(q, k, v):
       tb = mech.topk_block_mask(q, k, block_size=64, top_k=2)

@@ -87,14 +87,14 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{_FULL_TILES}::test_segment_ids_apply_on_full_tiles[tpu-f32]",)),
     Mutant(
         "tpu-softcap-missing-in-dkv", "pallas_tpu", FLASH_TPU,
-        "      if th is not None:\n        ds = ds * (1.0 - th * th)\n      dk_acc[...] +=",
-        "      dk_acc[...] +=",
+        "    ds = p * (dp - delta)\n    if th is not None:\n      ds = ds * (1.0 - th * th)\n",
+        "    ds = p * (dp - delta)\n",
         "the soft-cap's tanh derivative is left out of dS in the dK/dV kernel",
         (_kernel_case("tpu", "window_sinks_mqa_cap_segments"),)),
     Mutant(
         "tpu-dkv-skips-last-tile", "pallas_tpu", FLASH_TPU,
-        "  @pl.when(t < cnt_ref[hm, j])",
-        "  @pl.when(t + 1 < cnt_ref[hm, j])",
+        "  _run_kinds(mask, kind, update)\n  if fused:\n    exchange.after()",
+        "  pl.when(e[\"last\"] == 0)(lambda: _run_kinds(mask, kind, update))\n  if fused:\n    exchange.after()",
         "the dK/dV pass skips the last non-empty query block of every key block",
         (_kernel_case("tpu", "causal_gqa_sinks"),)),
     Mutant(
@@ -105,20 +105,20 @@ MUTANTS: tuple[Mutant, ...] = (
         (_kernel_case("tpu", "causal_gqa_sinks"),)),
     Mutant(
         "tpu-scale-applied-twice-in-dq", "pallas_tpu", FLASH_TPU,
-        "      acc_ref[...] += scale * lax.dot_general(",
-        "      acc_ref[...] += scale * scale * lax.dot_general(",
-        "the dQ kernel multiplies by the logit scale twice",
+        "      exchange.accumulate((dq * scale)",
+        "      exchange.accumulate((dq * scale * scale)",
+        "the fused backward's dQ is multiplied by the logit scale twice",
         (_kernel_case("tpu", "causal_gqa_sinks"),)),
     Mutant(
         "tpu-masked-row-lse-finite", "pallas_tpu", FLASH_TPU,
-        "    lse_ref[...] = jnp.where(positive, m_ref[...] + jnp.log(safe), -jnp.inf)",
-        "    lse_ref[...] = m_ref[...] + jnp.log(safe)",
+        "    lse = jnp.where(positive, (m_ref[...] + jnp.log2(safe)) * LN2, -jnp.inf)",
+        "    lse = (m_ref[...] + jnp.log2(safe)) * LN2",
         "a row that sees no key returns lse = finfo.min + log(1) instead of -inf",
         (f"{_FULL_TILES}::test_rows_that_see_no_key_without_sinks[tpu]",)),
     Mutant(
         "tpu-gqa-wrong-kv-head", "pallas_tpu", FLASH_TPU,
-        "  return h if group == 1 else lax.div(h, group)",
-        "  return h if group == 1 else lax.rem(h, group)",
+        "    return bi, _div(u * self.stack, self.group), self.entry(u, s, refs)[\"col\"], 0",
+        "    return bi, lax.rem(u * self.stack, self.group), self.entry(u, s, refs)[\"col\"], 0",
         "GQA index maps read K/V head h % group instead of h // group",
         (_kernel_case("tpu", "causal_gqa_sinks"),)),
     # ---------------------------------------------------------------- Pallas GPU flash kernels
@@ -136,8 +136,8 @@ MUTANTS: tuple[Mutant, ...] = (
         (_kernel_case("gpu", "window_sinks_mqa_cap_segments"),)),
     Mutant(
         "gpu-dkv-skips-last-tile", "pallas_gpu", FLASH_GPU,
-        "    return lax.fori_loop(0, count, body, accs)",
-        "    return lax.fori_loop(0, count - 1, body, accs)",
+        "    return lax.fori_loop(first, end, body, accs)",
+        "    return lax.fori_loop(first, end - 1, body, accs)",
         "the dK/dV pass skips the last non-empty query block of every key block",
         (_kernel_case("gpu", "causal_gqa_sinks"),)),
     Mutant(
@@ -148,8 +148,8 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{_FULL_TILES}::test_rows_that_see_no_key_without_sinks[gpu]",)),
     Mutant(
         "gpu-head-dependent-schedule-of-head-0", "pallas_gpu", FLASH_GPU,
-        "  hm = fc.list_row(mask, b, h)\n  bq, bk = block_q, block_kv\n  q = q_ref[...]\n  dv = o_ref",
-        "  hm = fc.list_row(mask, b, 0)\n  bq, bk = block_q, block_kv\n  q = q_ref[...]\n  dv = o_ref",
+        "  first, end, entry = _walk(mask, hmap_ref, ptr_ref, b, h, i, n_rows, False)\n\n  def body(t, carry):",
+        "  first, end, entry = _walk(mask, hmap_ref, ptr_ref, b, 0, i, n_rows, False)\n\n  def body(t, carry):",
         "the forward kernel walks head 0's BlockMask lists for every head of a head-dependent mask",
         (f"{_FULL_TILES}::test_head_dependent_schedule_visits_each_heads_tiles[gpu]",)),
     # ---------------------------------------------------------------- softmax Pallas adapter
@@ -175,10 +175,10 @@ MUTANTS: tuple[Mutant, ...] = (
         (_kernel_case("gpu", "full_noncausal_cross"),)),
     Mutant(
         "pallas-sharded-head-offset-zero", "pallas_adapter", SOFTMAX_PALLAS,
-        "    head_offset = jnp.reshape(shard * local_q_heads, (1,)).astype(jnp.int32)",
+        "    head_offset = jnp.reshape(shard * lay.local_q_heads, (1,)).astype(jnp.int32)",
         "    head_offset = jnp.reshape(shard * 0, (1,)).astype(jnp.int32)",
         "under shard_map every head shard evaluates a head-dependent mask as if it held heads 0..",
-        (f"{_PALLAS}::test_sharded_equals_unsharded[gpu-mqa_per_head_mask]",)),
+        (f"{_PALLAS}::test_sharded_equals_unsharded[gpu-mqa_head_fn]",)),
     Mutant(
         "pallas-sharded-output-replicated", "pallas_adapter", SOFTMAX_PALLAS,
         "  return fn(*args)",
@@ -239,14 +239,14 @@ MUTANTS: tuple[Mutant, ...] = (
     # ---------------------------------------------------------------- BlockMask
     Mutant(
         "blockmask-padded-key-block-full", "block_mask", "attn_jax/block_mask.py",
-        "  kinds = np.where(must & ~k_padded, FULL,",
-        "  kinds = np.where(must, FULL,",
+        "    kinds = np.where((cols == grid.nk - 1) & (kinds == FULL), PARTIAL, kinds).astype(np.int8)",
+        "    kinds = kinds.astype(np.int8)",
         "a key block that contains padding (a PARTIAL tile) is marked FULL: padded keys get attended",
         ("tests/test_block_mask.py::test_kinds_match_brute_force",), quick=True),
     Mutant(
         "blockmask-union-full-if-any-head", "block_mask", "attn_jax/block_mask.py",
-        "    merged = np.where((k == FULL).all(0), FULL,",
-        "    merged = np.where((k == FULL).any(0), FULL,",
+        "    all_full = full_keys[full_counts == self.num_masks]",
+        "    all_full = full_keys[full_counts >= 1]",
         "the head-union BlockMask (xla backend) marks a tile FULL when one head has it FULL",
         ("tests/test_block_mask.py::test_head_dependent_mask_and_union",)),
     # ---------------------------------------------------------------- masks

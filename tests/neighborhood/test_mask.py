@@ -69,7 +69,7 @@ def test_block_classification_is_exact_for_tiles_and_sound_for_any_blocks(config
   # element-wise refinement, which is right only if the bounds are sound.
   for block_q, block_kv in ((t, t), (2 * t, 3 * t), (bq, bk)):
     bm = bm_lib.make_block_mask(mask, n, n + extra, block_q, block_kv)
-    np.testing.assert_array_equal(bm.kinds, brute_kinds(dense, block_q, block_kv))
+    np.testing.assert_array_equal(bm.dense_kinds(), brute_kinds(dense, block_q, block_kv))
 
 
 @hypothesis.given(configs())
@@ -210,7 +210,7 @@ def test_exact_bounds_skip_the_elementwise_check(monkeypatch):
   bm = bm_lib.make_block_mask(mask, n, n + 5, t, t)
   assert bm.num_partial > 0 and bm.num_full > 0 and not calls
   dense = mask.materialize(n, n + 5)[None]
-  np.testing.assert_array_equal(bm.kinds, brute_kinds(dense, t, t))
+  np.testing.assert_array_equal(bm.dense_kinds(), brute_kinds(dense, t, t))
   calls.clear()
   # Blocks that straddle tiles are not covered by the exactness claim: they get refined.
   bm_lib.make_block_mask(mask, n, n + 5, t + 8, t)

@@ -88,7 +88,8 @@ def test_neighborhood_predicate_lowers_in_kernel(platform):
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(
       lowering_platforms=("tpu" if platform == "tpu" else "cuda",)).as_text()
   marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
-  assert len(re.findall(re.escape(marker) + r"\b", text)) == 3
+  # Forward, then dQ and dK/dV (one fused backward kernel on TPU).
+  assert len(re.findall(re.escape(marker) + r"\b", text)) == (2 if platform == "tpu" else 3)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
@@ -104,7 +105,8 @@ def test_attention_config_asks_for_the_real_kernel_off_its_platform(platform):
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(
       lowering_platforms=("tpu" if platform == "tpu" else "cuda",)).as_text()
   marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
-  assert len(re.findall(re.escape(marker) + r"\b", text)) == 3
+  # Forward, then dQ and dK/dV (one fused backward kernel on TPU).
+  assert len(re.findall(re.escape(marker) + r"\b", text)) == (2 if platform == "tpu" else 3)
   if platform == "gpu":
     assert text.count("num_warps = 2") == 3
   # Off the TPU, a hardware TPU kernel still gets lane-aligned tiles; interpret mode any multiple of 8.

@@ -74,12 +74,15 @@ def test_full_blocks_match_dense_reference_and_visit_the_blockmask(name, impleme
   got = _value_and_grads(fast, args, d_out, d_lse)
   want = _value_and_grads(ref, args, d_out, d_lse)
   tolerances.assert_close(got[0], want[0], dtype, "out")
-  tolerances.assert_close_accumulated(got[1], want[1], "lse")
+  # The TPU kernel folds scale * log2(e) into q and rounds it to the input dtype (an MXU operand),
+  # as splash attention does: the LSE then carries that operand's rounding.
+  rounded = dtype if implementation == "pallas_tpu" and dtype != jnp.float32 else None
+  tolerances.assert_close_accumulated(got[1], want[1], "lse", rounded_operands=rounded)
   for key in args:
     tolerances.assert_close(got[2][key], want[2][key], dtype, f"d{key}")
 
   batch = q.shape[0]
-  expected = {(b, h, i, j, bool(bm.kinds[0, i, j] == bm_lib.PARTIAL))
+  expected = {(b, h, i, j, bool(bm.dense_kinds()[0, i, j] == bm_lib.PARTIAL))
               for b in range(batch) for h in range(hq) for i, j in bm.nonempty_pairs()}
   for phase in ("fwd", "dq", "dkv"):
     seen = {key[1:]: n for key, n in visits.items() if key[0] == phase}

@@ -47,7 +47,10 @@ def compare_backends(implementation, config, q, k, v, sinks, d_out, d_lse, facto
   # The LSE is float32 in every dtype: compared at float32 accuracy against the reference run on
   # the same rounded inputs (see tests/tolerances.py).
   assert got[1].dtype == jnp.float32, f"lse: dtype {got[1].dtype} != float32"
-  tolerances.assert_close_accumulated(got[1], want[1], "lse", factor)
+  # The TPU kernels fold scale * log2(e) into q and round it to the input dtype (an MXU operand, as
+  # splash attention does): in bfloat16 / float16 their LSE carries that operand's rounding.
+  rounded = dtype if implementation == "pallas_tpu" and dtype != jnp.float32 else None
+  tolerances.assert_close_accumulated(got[1], want[1], "lse", factor, rounded_operands=rounded)
   names = ["dq", "dk", "dv", "dsinks"]
   for name, a, b in zip(names, got[2], want[2]):
     assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} != {b.dtype}"

@@ -133,13 +133,13 @@ def test_xla_visits_exactly_the_nonempty_blocks(mask):
                    argnums=(0, 1, 2))(q, k, v)
   jax.block_until_ready(grads)
   bm = bm_lib.make_block_mask(mask, 61, 61, 8, 8)
-  partial = {(int(i), int(j)) for i, j in np.argwhere(bm.kinds[0] == bm_lib.PARTIAL)}
+  partial = {(int(i), int(j)) for i, j in np.argwhere(bm.dense_kinds()[0] == bm_lib.PARTIAL)}
   expected = {(-1, -1, i, j, (i, j) in partial) for i, j in bm.nonempty_pairs()}
   for phase in ("fwd", "bwd"):
     got = {key[1:]: n for key, n in visits.items() if key[0] == phase}
     assert set(got) == expected, phase
     assert set(got.values()) == {1}, f"{phase}: a tile was visited more than once"
-  assert bm.num_nonempty < bm.kinds.size or mask == masks.full()
+  assert bm.num_nonempty < bm.dense_kinds().size or mask == masks.full()
 
 
 def test_dispatch_picks_xla_on_cpu_and_never_replaces_explicit_choice():

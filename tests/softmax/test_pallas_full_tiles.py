@@ -37,7 +37,7 @@ def _segments(batch, length, cuts):
 def _full_tiles_crossing_segments(bm, seg):
   """The FULL tiles of ``bm`` (head 0) that hold a (query, key) pair of different segments."""
   out = []
-  for i, j in zip(*np.nonzero(bm.kinds[0] == bm_lib.FULL)):
+  for i, j in zip(*np.nonzero(bm.dense_kinds()[0] == bm_lib.FULL)):
     rows = seg[i * bm.block_q:(i + 1) * bm.block_q]
     cols = seg[j * bm.block_kv:(j + 1) * bm.block_kv]
     if (rows[:, None] != cols[None, :]).any():
@@ -86,7 +86,7 @@ def test_head_dependent_schedule_visits_each_heads_tiles(platform):
   jax.block_until_ready(grads)
   bm = bm_lib.make_block_mask(_PER_HEAD, length, length, BLOCK, BLOCK, num_heads=hq)
   assert bm.num_heads == hq
-  per_head = [{(i, j, bool(bm.kinds[h, i, j] == bm_lib.PARTIAL)) for i, j in bm.nonempty_pairs(h)}
+  per_head = [{(i, j, bool(bm.dense_kinds()[h, i, j] == bm_lib.PARTIAL)) for i, j in bm.nonempty_pairs(h)}
               for h in range(hq)]
   assert len({frozenset(s) for s in per_head}) == hq, "every head must have its own schedule"
   assert bm.num_full > 0 and bm.num_partial > 0
