@@ -905,7 +905,7 @@ def check_num_heads(mask: Mask, num_heads: int) -> None:
   if n is not None and n != num_heads:
     raise ValueError(f"the per-head mask has {n} masks but the call has {num_heads} query heads; "
                      f"expected one mask per query head")
-# Masks for multimodal and position studies (issue 15): modality-mutual, concentric causal,
+# Masks for multimodal and position studies: modality-mutual, concentric causal,
 # Video-CCAM, PINE and lookahead masks, with the position-id functions that some of them pair with.
 # All positions below are absolute key positions: query ``i`` sits at ``p = i + offset`` as for
 # ``causal`` (``offset = kv_len - q_len`` by default, 0 for self attention).
@@ -1435,7 +1435,7 @@ def from_array(array) -> Mask:
   return ArrayMask(array)
 
 
-# PowerAttention (issue 14): block distances that are powers of two, with a local window and sinks.
+# PowerAttention: block distances that are powers of two, with a local window and sinks.
 
 __all__ += ["power_attention"]
 

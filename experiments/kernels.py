@@ -1,7 +1,7 @@
 """Kernel benchmark: the block-sparse flash kernels against cuDNN / splash, the xla backend and
 the ideal block-sparse speed-up.
 
-Cases (issue 3): dense causal; sliding window 1024 with 4 sink tokens; non-causal block-sparse
+Cases: dense causal; sliding window 1024 with 4 sink tokens; non-causal block-sparse
 layouts at densities 50 / 25 / 12.5 % whose blocks equal the kernel's tiles (so every visited
 tile is FULL). For each case, sequence length and mode (``fwd`` / ``fwd_bwd``) it reports
 

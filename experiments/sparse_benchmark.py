@@ -1,4 +1,4 @@
-r"""Content-dependent sparse attention benchmark (issue 14): one causal layer, time and compiled
+r"""Content-dependent sparse attention benchmark: one causal layer, time and compiled
 memory of every mechanism against dense causal flash attention, forward and forward+backward.
 
 Each mechanism runs with its default backend (xla on CPU) at a budget typical of its paper,
@@ -183,7 +183,7 @@ def run(lengths, repeats: int, modes, shape: efficiency.Shape, decode_steps: int
 
 def markdown(payload) -> str:
   env, shape = payload["environment"], payload["shape"]
-  lines = ["# attn_jax content-dependent sparse attention benchmark (issue 14)", "",
+  lines = ["# attn_jax content-dependent sparse attention benchmark", "",
            f"- date: {env['date']}",
            f"- device: {env['device']} ({env['platform']}); host {env['host']}, {env['cpu_count']} CPUs",
            f"- jax {env['jax_version']}",

@@ -1,4 +1,4 @@
-"""Long-context TPU compile cases (issue 11), a ``--cases-module`` for the compile check::
+"""Long-context TPU compile cases, a ``--cases-module`` for the compile check::
 
     python -m attn_jax.compile_check --cases-module experiments.tpu_long_cases \\
         --kernels softmax_long --targets v5e,v6e --tpu-python /work/venvs/tpu/bin/python

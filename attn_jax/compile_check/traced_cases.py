@@ -1,11 +1,11 @@
-"""Compile-check cases of the traced BlockMask on the Pallas GPU kernel (issue 14), loaded with
+"""Compile-check cases of the traced BlockMask on the Pallas GPU kernel, loaded with
 ``python -m attn_jax.compile_check --cases-module attn_jax.compile_check.traced_cases
 --kernels softmax_traced --targets h100``.
 
 The mask is built inside the compiled function from the inputs (pooled block scores and a
 top-k), so the kernel is lowered with traced block lists, forward and backward (the dK/dV pass
 walks the compressed transposed lists). GPU only: the TPU kernel does not take a traced mask
-(its schedule is being rewritten; issue 11).
+(its packed step schedule is built on the host).
 """
 
 from __future__ import annotations

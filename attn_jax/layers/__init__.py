@@ -33,7 +33,7 @@ from attn_jax.layers.registry import (EfficiencyPreset, MixerConfig, MixerEntry,
                                       Task, UnsupportedConfigError, build as build_mixer, get as mixer_entry,
                                       mixer_config, mixer_names)
 from attn_jax.layers.rope import apply_rope, grid_positions
-# The content-dependent sparse mixers of issue 14.
+# The content-dependent sparse mixers.
 from attn_jax.layers.mixers.block_topk import BlockTopKAttention, BlockTopKConfig
 from attn_jax.layers.mixers.core_context import CoreContextAttention, CoreContextConfig
 from attn_jax.layers.mixers.dhsa import DHSAAttention, DHSAConfig

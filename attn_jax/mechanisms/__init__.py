@@ -91,7 +91,7 @@ __all__ = [
     "sliding_window_attention",
 ]
 
-# Attention layers and test-time memories of issue 15.
+# Attention layers and test-time memories.
 __all__ += [
     "compressed_conv_attention", "value_shift", "local_linear_attention", "local_linear_attention_reference",
     "MoHGates", "moh_attention", "moh_attention_reference", "moh_gates", "rcmha_attention", "relative_attention",
@@ -101,7 +101,7 @@ __all__ += [
     "titans_mag", "titans_mal",
 ]
 
-# Content-dependent sparse attention of issue 14.
+# Content-dependent sparse attention.
 __all__ += [
     "block_scores", "topk_block_attention", "topk_block_attention_reference", "topk_block_mask",
     "CoreContextMask", "core_context_attention", "core_context_attention_reference", "core_tokens",

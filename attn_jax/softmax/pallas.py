@@ -650,8 +650,10 @@ def _attention(platform: str, config_type):
       raise ValueError(f"config must be a {config_type.__name__} for implementation="
                        f"'pallas_{platform}', got {type(config).__name__}")
     if block_mask is not None and platform == "tpu":
-      # The TPU kernels' schedule format is being rewritten (issue 11); traced lists join it then.
-      raise NotImplementedError("a traced block_mask on the TPU kernel (issue 14, stage 2)")
+      # The TPU kernels read a host-built packed step schedule; device-built lists are not wired
+      # into it yet. Dispatch falls through to the next backend (xla).
+      raise NotImplementedError("a traced block_mask is not supported by the Pallas TPU kernel yet; "
+                                "use implementation='xla' (or 'pallas_gpu' on a GPU)")
     interpret = dispatch.pallas_interpret(config.interpret, platform)
     if config.record_visits is not None and not interpret:
       raise ValueError("record_visits is a debugging aid for interpret mode only")

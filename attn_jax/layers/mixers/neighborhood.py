@@ -2,8 +2,8 @@
 
 Tokens arrive flattened, ``[B, T, C]`` with ``T = prod(grid)`` in row-major order (a ViT's
 patches, or a sequence when ``grid`` is None), and are viewed as the grid ``[B, *grid, H, D]``
-for the primitive, whose NATTEN semantics (window shifted inward at borders, stride, dilation,
-causal per axis) are issue 4's. Per-axis RoPE is applied to the flattened queries and keys.
+for the primitive, whose semantics (window shifted inward at borders, stride, dilation,
+causal per axis) are NATTEN's. Per-axis RoPE is applied to the flattened queries and keys.
 
 Decoding: a causal 1D neighborhood with stride 1 is a dilated causal sliding window (query ``p``
 sees the ``kernel_size`` keys ``p, p - d, ..., p - (kernel_size - 1) d``, fewer at the start), so
