@@ -12,7 +12,7 @@ that declares, next to its code, a :class:`MixerEntry`:
 * ``family``: the :mod:`attn_jax.dispatch` family whose backends ``implementation=`` names
   (None: the mixer calls no dispatched primitive).
 * ``cache``: the class of the decoding cache ``init_cache`` returns (None: no decoding).
-* ``description``, ``paper``: one line each, for ``--list`` and the README table.
+* ``description``, ``paper``: one line each, for ``--list`` and the table of docs/models.md.
 * ``quality`` / ``efficiency``: the benchmark's presets (:class:`QualityPreset`,
   :class:`EfficiencyPreset`).
 
@@ -55,7 +55,7 @@ The mixer protocol (every ``layer`` implements it)::
 
 Adding a mechanism: write ``attn_jax/layers/mixers/<name>.py`` with its config, layer and a
 ``registry.register(MixerEntry(...))`` call; the package imports every module of
-``attn_jax/layers/mixers/`` (README: "Adding a mechanism").
+``attn_jax/layers/mixers/`` (docs/models.md: "Adding a mechanism").
 """
 
 from __future__ import annotations
@@ -512,7 +512,7 @@ def cli_fields(name: str) -> dict[str, type]:
 
 
 def markdown_table() -> str:
-  """The README's table of mechanisms (README must equal it; a test checks)."""
+  """The table of mechanisms in docs/models.md (it must equal this; a test checks)."""
   rows = ["| `mixer_config(name)` | what | paper | own fields | decoding cache | family |",
           "|---|---|---|---|---|---|"]
   for e in _REGISTRY.values():

@@ -292,8 +292,8 @@ def test_a_mixer_registered_elsewhere_joins_models_with_aux_losses_and_inputs(to
 
 def test_readme_table_is_the_registry():
   import pathlib
-  readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+  readme = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text()
   table = re.search(r"<!-- mixer-table -->\n(.*?)\n<!-- /mixer-table -->", readme, re.S)
-  assert table, "README.md must hold the registry table between <!-- mixer-table --> markers"
+  assert table, "docs/models.md must hold the registry table between <!-- mixer-table --> markers"
   assert table.group(1).strip() == registry.markdown_table().strip(), (
-      "README's mixer table is out of date: paste attn_jax.layers.registry.markdown_table()")
+      "The mixer table of docs/models.md is out of date: paste attn_jax.layers.registry.markdown_table()")

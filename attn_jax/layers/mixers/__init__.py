@@ -2,7 +2,7 @@
 layer and its registry entry (:mod:`attn_jax.layers.registry`). Importing a module registers it.
 
 The mechanisms below come first, in this order (that of ``mixer_names()``, ``--list`` and the
-README table); every other module of this package is imported after them, alphabetically, so a
+docs/models.md table); every other module of this package is imported after them, alphabetically, so a
 new mechanism needs only its own file (``common.py`` holds shared pieces, not a mixer).
 """
 
