@@ -185,7 +185,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(sh.mesh, PartitionSpec())),\n"
         "                      fn(*args))",
         "the shard_map result is all-gathered to every device: right values, sharding lost",
-        (f"{_PALLAS}::test_sharded_equals_unsharded[gpu-mqa_per_head_mask]",)),
+        (f"{_PALLAS}::test_sharded_equals_unsharded[gpu-gqa_per_head_masks]",)),
     Mutant(
         "pallas-head-schedule-union", "pallas_adapter", SOFTMAX_PALLAS,
         "    return block_mask_lib.make_block_mask(s.mask, s.q_len, s.kv_len, self.block_q, self.block_kv,\n"

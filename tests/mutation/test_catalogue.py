@@ -35,6 +35,14 @@ def test_catalogue_is_well_formed_and_applies_to_this_tree():
     runner.check_tests_exist(m)
 
 
+def test_every_test_id_of_the_catalogue_is_collected():
+  """A renamed test or parameter id would make a mutant's run (and the baseline) collect nothing."""
+  nodes = list(dict.fromkeys(n for m in catalogue.MUTANTS for n in m.tests))
+  proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *nodes],
+                        cwd=runner.REPO, env=runner._env(runner.REPO), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
 def test_a_patch_that_no_longer_applies_names_the_mutant(tmp_path):
   (tmp_path / "a.py").write_text("x = 1\nx = 1\n")
   twice = catalogue.Mutant("demo-twice", "masks", "a.py", "x = 1", "x = 2", "d", ("a.py",))
