@@ -159,6 +159,10 @@ def main(argv=None):
   args = p.parse_args(argv)
   cases_lib.load_modules(args.cases_module)
   target = targets_lib.TARGETS[args.target]
+  if target.platform == "tpu":
+    # No TPU here to detect: the kernels take this target's default tiling (VMEM differs: v4's
+    # 16-32 MiB against 95-128 MiB on later generations).
+    os.environ["ATTN_JAX_TPU_GENERATION"] = target.name
   jobs = json.loads(pathlib.Path(args.jobs).read_text())
   cases = cases_lib.all_cases()
   with open(args.out, "a") as out:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable, ClassVar
 
 import jax
@@ -59,8 +60,8 @@ class PallasTpuConfig:
       per stack); must divide the group size; 1 for head-dependent masks. ``None``: as many as
       keep ``stack * block_q`` within the table's rows per step.
     generation: TPU generation for the default blocks ("v4", "v5e", "v5p", "v6e"); ``None``
-      detects it on a TPU and assumes "v5e" elsewhere (e.g. compiling for a topology without
-      one).
+      detects it on a TPU; elsewhere (compiling for a TPU topology without one) it reads
+      ``$ATTN_JAX_TPU_GENERATION`` (set per target by the compile check), else assumes "v5e".
     vmem_limit_bytes: scoped VMEM limit of the kernels; ``None``: the table's.
     max_schedule_bytes: scalar memory for one band of a step schedule; longer schedules run as
       several kernel calls over bands of query (or key) blocks. ``None``: 256 KiB.
@@ -112,6 +113,9 @@ class TpuBlockDefaults:
   vmem_limit_bytes: int
   block_q_compute: int = 512
   fused_backward: bool = True
+  # Keys per step when a row of q / K / V exceeds 512 bytes (head dim 256 in float32), or None
+  # for block_kv: v4's VMEM cannot double-buffer 1024-key windows of such rows with the rest.
+  wide_block_kv: int | None = None
 
 
 # Why these numbers (static cycle counts of the kernels on each generation, see
@@ -127,18 +131,31 @@ class TpuBlockDefaults:
 #   is a multiple of both.
 # * VMEM: v4 has 32 MiB per core (16 MiB scoped by default), v5e/v6e 128 MiB, v5p 95 MiB. A
 #   1024 x 1024 step needs ~10 MiB double-buffered plus the sub-block's logits and
-#   probabilities; v4 gets 512-row steps to stay well inside its memory.
+#   probabilities; v4 gets 512-row steps to stay well inside its memory, and 512-key steps for
+#   rows wider than 512 bytes (head dim 256 in float32: libtpu caps v4's scoped VMEM at 16 MiB
+#   in a deviceless compile, and the tile-reading masks' dK/dV needed 18.8 MiB at 1024 keys).
 TPU_BLOCKS = {
-    "v4": TpuBlockDefaults(rows=512, block_kv=1024, block_kv_compute=512, vmem_limit_bytes=24 << 20),
+    "v4": TpuBlockDefaults(rows=512, block_kv=1024, block_kv_compute=512, vmem_limit_bytes=24 << 20,
+                           wide_block_kv=512),
     "v5e": TpuBlockDefaults(rows=1024, block_kv=1024, block_kv_compute=512, vmem_limit_bytes=64 << 20),
     "v5p": TpuBlockDefaults(rows=1024, block_kv=1024, block_kv_compute=512, vmem_limit_bytes=64 << 20),
     "v6e": TpuBlockDefaults(rows=1024, block_kv=1024, block_kv_compute=512, vmem_limit_bytes=64 << 20),
 }
 
 
+# Off a TPU (a deviceless compile for a TPU topology), the generation whose default tiling to use;
+# the compile check sets it per target. On a TPU the device's own generation wins.
+TPU_GENERATION_ENV = "ATTN_JAX_TPU_GENERATION"
+
+
 def _tpu_generation(config: PallasTpuConfig) -> str:
   if config.generation is not None:
     return config.generation
+  if dispatch.current_platform() != "tpu" and os.environ.get(TPU_GENERATION_ENV):
+    name = os.environ[TPU_GENERATION_ENV]
+    if name not in TPU_BLOCKS:
+      raise ValueError(f"${TPU_GENERATION_ENV} must be one of {sorted(TPU_BLOCKS)}, got {name!r}")
+    return name
   if dispatch.current_platform() == "tpu":
     kind = jax.devices()[0].device_kind.lower()
     for name, keys in (("v6e", ("v6",)), ("v5p", ("v5p",)), ("v5e", ("v5 lite", "v5e", "v5lite")),
@@ -237,16 +254,21 @@ def _largest_divisor(n: int, limit: int) -> int:
   return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, limit))
 
 
-def _tpu_blocks(config: PallasTpuConfig, spec: common.Spec, interpret: bool, group: int) -> flash_tpu.Blocks:
-  """Tiling of one call; ``group`` is the number of query heads per K/V head (local to a shard)."""
+def _tpu_blocks(config: PallasTpuConfig, spec: common.Spec, interpret: bool, group: int,
+                itemsize: int = 2) -> flash_tpu.Blocks:
+  """Tiling of one call; ``group`` is the number of query heads per K/V head (local to a shard),
+  ``itemsize`` the bytes per element the kernels load."""
   table = TPU_BLOCKS[_tpu_generation(config)]
+  table_kv = table.block_kv
+  if table.wide_block_kv is not None and max(spec.head_dim, spec.v_head_dim) * itemsize > 512:
+    table_kv = table.wide_block_kv
   if config.block_q is not None:
     bq = config.block_q
   else:
     # Stacked GQA heads share the table's rows per step.
     per_head = table.rows if spec.mask.depends_on_head else max(128, table.rows // group)
     bq = min(per_head, dispatch.round_up(spec.q_len, 128))
-  bk = config.block_kv or min(table.block_kv, dispatch.round_up(spec.kv_len, 128))
+  bk = config.block_kv or min(table_kv, dispatch.round_up(spec.kv_len, 128))
   if not interpret and (bq % 128 or bk % 128):
     raise ValueError(f"PallasTpuConfig block sizes must be multiples of 128 on TPU hardware, "
                      f"got block_q={bq}, block_kv={bk}")
@@ -667,7 +689,7 @@ def _attention(platform: str, config_type):
     lay = None if config.sharding is None else _shard_layout(config.sharding, spec, q.shape[0])
     if platform == "tpu":
       group = spec.group_size if lay is None else lay.local_q_heads // lay.local_kv_heads
-      blocks = _tpu_blocks(config, spec, interpret, group)
+      blocks = _tpu_blocks(config, spec, interpret, group, jnp.dtype(q.dtype).itemsize)
       st = _Static(platform, spec, blocks.block_q, blocks.block_kv, bool(interpret), config.record_visits,
                    tpu_blocks=blocks,
                    schedule_bytes=config.max_schedule_bytes or schedule_lib.DEFAULT_SCHEDULE_BYTES)

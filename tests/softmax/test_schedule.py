@@ -218,3 +218,31 @@ def test_long_context_schedules_fit_scalar_memory(generation):
   bm, _, (rows, cols) = _default_tpu_steps(mask, 1 << 17, 32, generation)
   assert bm.num_masks == rows.num_lists == cols.num_lists == 4
   assert rows.band_bytes <= budget and cols.band_bytes <= budget
+
+
+def _spec(d):
+  from attn_jax.softmax import common
+  return common.Spec(masks.causal(), d ** -0.5, None, 4096, 4096, 4, 4, d, d, False, False)
+
+
+def test_tpu_tiling_follows_the_generation_off_tpu(monkeypatch):
+  """A deviceless compile for a v4 topology takes v4's tiling from $ATTN_JAX_TPU_GENERATION (set
+  per target by the compile check): 512-row steps, and 512-key steps for rows wider than 512
+  bytes, which v4's 16 MiB of scoped VMEM needs at head dim 256 in float32 (compiled: 13.9 MiB)."""
+  import attn_jax
+  from attn_jax.softmax import pallas as pallas_lib
+  cfg = attn_jax.PallasTpuConfig(interpret=False)
+  monkeypatch.delenv(pallas_lib.TPU_GENERATION_ENV, raising=False)
+  assert (pallas_lib._tpu_blocks(cfg, _spec(256), False, 1, 4).block_kv,
+          pallas_lib._tpu_blocks(cfg, _spec(256), False, 1, 4).block_q) == (1024, 1024)  # v5e's
+  monkeypatch.setenv(pallas_lib.TPU_GENERATION_ENV, "v4")
+  wide = pallas_lib._tpu_blocks(cfg, _spec(256), False, 1, 4)
+  assert (wide.block_q, wide.block_kv) == (512, 512)
+  assert pallas_lib._tpu_blocks(cfg, _spec(256), False, 1, 2).block_kv == 1024  # bf16 rows: 512 B
+  assert pallas_lib._tpu_blocks(cfg, _spec(128), False, 1, 4).block_kv == 1024
+  # An explicit generation wins over the environment; a bad one names the variable.
+  assert pallas_lib._tpu_blocks(attn_jax.PallasTpuConfig(interpret=False, generation="v6e"), _spec(256), False, 1,
+                                4).block_kv == 1024
+  monkeypatch.setenv(pallas_lib.TPU_GENERATION_ENV, "v9")
+  with pytest.raises(ValueError, match="ATTN_JAX_TPU_GENERATION must be one of"):
+    pallas_lib._tpu_blocks(cfg, _spec(128), False, 1, 2)
